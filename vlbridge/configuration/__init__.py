@@ -1,0 +1,19 @@
+"""Configurations of the bridges and of the composite VLM. Importing this registers them with `AutoConfig`."""
+
+from transformers import AutoConfig
+
+from .configuration_mlp import MLPProjectorConfig
+from .configuration_perceiver import PerceiverResamplerConfig
+from .configuration_qformer import QFormerConfig
+
+
+# The bridge configs must be known to AutoConfig before BridgeVLMConfig resolves a `bridge_config` dict.
+for _config_class in (QFormerConfig, PerceiverResamplerConfig, MLPProjectorConfig):
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+
+from .configuration_bridge_vlm import BridgeVLMConfig  # noqa: E402
+
+
+AutoConfig.register(BridgeVLMConfig.model_type, BridgeVLMConfig, exist_ok=True)
+
+__all__ = ["BridgeVLMConfig", "MLPProjectorConfig", "PerceiverResamplerConfig", "QFormerConfig"]

@@ -1,0 +1,134 @@
+"""Configuration of the composite vision encoder -> bridge -> language model. Imports no torch."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+# Tokens a vision tower puts before its patch tokens (CLS and the like), by model type. Only the MLP projector
+# needs this count (one output token per feature); an unknown tower must state it in `vision_num_prefix_tokens`.
+VISION_PREFIX_TOKENS = {
+    "clip_vision_model": 1,
+    "siglip_vision_model": 0,
+    "blip_2_vision_model": 1,
+    "instructblip_vision_model": 1,
+    "vit": 1,
+    "deit": 2,
+    "dinov2": 1,
+}
+
+
+def _as_pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+@strict
+class BridgeVLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`BridgeVLMModel`] / [`BridgeVLMForConditionalGeneration`]: any HF vision tower, a bridge
+    ([`QFormerConfig`], [`PerceiverResamplerConfig`] or [`MLPProjectorConfig`]) and any HF language model,
+    decoder-only or encoder-decoder. Saved and loaded as one `config.json`.
+
+    Derived fields are filled in here, so the three sub-configs never disagree: the bridge's input width is the
+    vision hidden size, and `num_image_tokens` (how many `<image>` placeholders one image takes) comes from the
+    bridge.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            Vision tower config (any `AutoModel` vision config; CLIP's by default).
+        bridge_config (`dict` or `PreTrainedConfig`, *optional*):
+            Bridge config; a `dict` picks the bridge by its `model_type` (`vlbridge_qformer` by default).
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Language model config (any `AutoModelForCausalLM` or `AutoModelForSeq2SeqLM` config; OPT's by default).
+        image_token_id (`int`, *optional*):
+            Id of the `<image>` placeholder token in the language model's vocabulary.
+        vision_feature_layer (`int`, *optional*):
+            Hidden state of the vision tower fed to the bridge: `None` takes its `last_hidden_state` (BLIP-2), an
+            integer indexes `hidden_states` (LLaVA uses -2).
+        vision_num_prefix_tokens (`int`, *optional*):
+            CLS-like tokens the vision tower puts before its patches; filled in for known towers.
+        use_qformer_text_input (`bool`, *optional*, defaults to `False`):
+            InstructBLIP mode: the instruction (`qformer_input_ids`) also enters the Q-Former.
+        num_image_tokens (`int`, *optional*):
+            Derived: placeholder tokens per image (per tile with any-res).
+        tie_word_embeddings (`bool`, *optional*):
+            Tie the LM head to the input embeddings; defaults to the text config's choice.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of the language projection.
+
+    Example:
+
+    ```python
+    >>> from vlbridge import BridgeVLMConfig
+    >>> config = BridgeVLMConfig(
+    ...     vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "num_attention_heads": 4,
+    ...                    "image_size": 32, "patch_size": 8},
+    ...     bridge_config={"model_type": "vlbridge_mlp", "hidden_size": 32, "drop_cls_token": True},
+    ...     text_config={"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "vocab_size": 100},
+    ...     image_token_id=99,
+    ... )
+    >>> config.bridge_config.encoder_hidden_size, config.num_image_tokens
+    (32, 16)
+    ```"""
+
+    model_type = "vlbridge"
+    attribute_map = {"image_token_index": "image_token_id", "image_seq_length": "num_image_tokens"}
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "bridge_config": SubConfigSpec(config_class=AutoConfig, model_type="vlbridge_qformer"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="opt"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    bridge_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int | None = None
+    vision_feature_layer: int | None = None
+    vision_num_prefix_tokens: int | None = None
+    use_qformer_text_input: bool = False
+    num_image_tokens: int | None = None
+    tie_word_embeddings: bool | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.bridge_config.encoder_hidden_size = self.vision_config.hidden_size
+        self.is_encoder_decoder = bool(getattr(self.text_config, "is_encoder_decoder", False))
+        self.use_decoder_only_language_model = self.text_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", True))
+        if self.vision_num_prefix_tokens is None:
+            self.vision_num_prefix_tokens = VISION_PREFIX_TOKENS.get(self.vision_config.model_type)
+        if self.use_qformer_text_input and not getattr(self.bridge_config, "use_text_input", False):
+            raise ValueError(
+                "use_qformer_text_input=True needs a Q-Former bridge built with use_text_input=True "
+                "(set bridge_config={'model_type': 'vlbridge_qformer', 'use_text_input': True, ...})."
+            )
+        if getattr(self.bridge_config, "drop_cls_token", False) and self.vision_num_prefix_tokens == 0:
+            raise ValueError(
+                f"The MLP projector drops a CLS token, but vision tower '{self.vision_config.model_type}' has none: "
+                "set bridge_config drop_cls_token=False."
+            )
+        self.num_image_tokens = self.bridge_config.num_output_tokens(self._num_vision_tokens())
+
+    @property
+    def vision_hidden_size(self) -> int:
+        return self.vision_config.hidden_size
+
+    def _num_vision_tokens(self) -> int | None:
+        """Image features the vision tower gives for one image at its configured size, or None if unknown."""
+        image_size = getattr(self.vision_config, "image_size", None)
+        patch_size = getattr(self.vision_config, "patch_size", None)
+        if image_size is None or patch_size is None or self.vision_num_prefix_tokens is None:
+            if self.bridge_config.model_type == "vlbridge_mlp":
+                raise ValueError(
+                    f"Cannot count the image features of vision tower '{self.vision_config.model_type}', which the "
+                    "MLP projector needs: pass vision_num_prefix_tokens=<number of CLS-like tokens> to BridgeVLMConfig."
+                )
+            return None
+        (height, width), (patch_h, patch_w) = _as_pair(image_size), _as_pair(patch_size)
+        return (height // patch_h) * (width // patch_w) + self.vision_num_prefix_tokens
+
+
+__all__ = ["BridgeVLMConfig"]
