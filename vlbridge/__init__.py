@@ -1,16 +1,39 @@
 """vlbridge: vision-language models whose vision encoder reaches the language model through a learned bridge.
 
-Importing the package registers its configs, models and processor with the transformers Auto classes.
+Importing the package registers its configs, models and processor with the transformers Auto classes
+(`AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor`).
 """
 
 __version__ = "0.1.0"
 
-from .configuration import BridgeVLMConfig, MLPProjectorConfig, PerceiverResamplerConfig, QFormerConfig
+from transformers import AutoProcessor
 
+from .configuration import BridgeVLMConfig, MLPProjectorConfig, PerceiverResamplerConfig, QFormerConfig
+from .modeling import (
+    BridgeModelOutput,
+    BridgeVLMForConditionalGeneration,
+    BridgeVLMModel,
+    BridgeVLMPreTrainedModel,
+    MLPProjectorModel,
+    PerceiverResamplerModel,
+    QFormerModel,
+)
+from .processing import BridgeProcessor
+
+
+AutoProcessor.register(BridgeVLMConfig, BridgeProcessor, exist_ok=True)
 
 __all__ = [
+    "BridgeModelOutput",
+    "BridgeProcessor",
     "BridgeVLMConfig",
+    "BridgeVLMForConditionalGeneration",
+    "BridgeVLMModel",
+    "BridgeVLMPreTrainedModel",
     "MLPProjectorConfig",
+    "MLPProjectorModel",
     "PerceiverResamplerConfig",
+    "PerceiverResamplerModel",
     "QFormerConfig",
+    "QFormerModel",
 ]

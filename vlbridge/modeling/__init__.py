@@ -1,0 +1,43 @@
+"""Bridges and the composite VLM. Importing this registers them with `AutoModel` / `AutoModelForImageTextToText`."""
+
+from transformers import AutoModel, AutoModelForImageTextToText
+from transformers.models.blip_2 import Blip2VisionConfig, Blip2VisionModel
+from transformers.models.instructblip import InstructBlipVisionConfig, InstructBlipVisionModel
+
+from ..configuration import BridgeVLMConfig, MLPProjectorConfig, PerceiverResamplerConfig, QFormerConfig
+from .modeling_bridge_vlm import (
+    BridgeVLMForConditionalGeneration,
+    BridgeVLMModel,
+    BridgeVLMModelOutput,
+    BridgeVLMOutput,
+    BridgeVLMPreTrainedModel,
+)
+from .modeling_mlp import MLPProjectorModel
+from .modeling_perceiver import PerceiverResamplerModel
+from .modeling_qformer import QFormerModel
+from .outputs import BridgeModelOutput
+
+
+for _config, _model in (
+    (QFormerConfig, QFormerModel),
+    (PerceiverResamplerConfig, PerceiverResamplerModel),
+    (MLPProjectorConfig, MLPProjectorModel),
+    (BridgeVLMConfig, BridgeVLMModel),
+    # BLIP-2 / InstructBLIP vision towers are not in AutoModel's mapping; converted checkpoints build them by config.
+    (Blip2VisionConfig, Blip2VisionModel),
+    (InstructBlipVisionConfig, InstructBlipVisionModel),
+):
+    AutoModel.register(_config, _model, exist_ok=True)
+AutoModelForImageTextToText.register(BridgeVLMConfig, BridgeVLMForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "BridgeModelOutput",
+    "BridgeVLMForConditionalGeneration",
+    "BridgeVLMModel",
+    "BridgeVLMModelOutput",
+    "BridgeVLMOutput",
+    "BridgeVLMPreTrainedModel",
+    "MLPProjectorModel",
+    "PerceiverResamplerModel",
+    "QFormerModel",
+]

@@ -1,0 +1,551 @@
+"""The composite VLM: any vision tower -> bridge -> language projection -> any language model.
+
+Images reach the language model only through `<image>` placeholder tokens (ARCHITECTURE rule 1): the bridge's tokens
+are scattered into the placeholder positions of the input embeddings, so logits stay aligned one-to-one with
+`input_ids`, which TRL's fused LM head and the DPO loss rely on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput, logging
+
+from ..configuration import BridgeVLMConfig
+from ..trainers.freezing import FreezingMixin
+from .from_pretrained_parts import from_vision_text_pretrained
+
+
+logger = logging.get_logger(__name__)
+
+# Keyword arguments that carry images; they are consumed when the prompt is encoded and never re-sent while decoding.
+IMAGE_INPUT_KEYS = ("pixel_values", "image_attention_mask", "qformer_input_ids", "qformer_attention_mask")
+
+
+@dataclass
+class BridgeVLMModelOutput(ModelOutput):
+    """
+    Output of [`BridgeVLMModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Last hidden state of the language model (of its decoder for an encoder-decoder LM).
+        past_key_values (`Cache`, *optional*):
+            The language model's KV cache.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Hidden states of the language model (of its decoder for an encoder-decoder LM).
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Attention weights of the language model (of its decoder for an encoder-decoder LM).
+        encoder_last_hidden_state (`torch.FloatTensor`, *optional*):
+            Encoder output, for an encoder-decoder language model.
+        image_hidden_states (`torch.FloatTensor` of shape `(num_images, num_image_tokens, hidden_size)`, *optional*):
+            The projected bridge tokens scattered into the `<image>` positions.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class BridgeVLMOutput(ModelOutput):
+    """
+    Output of [`BridgeVLMForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*):
+            Next-token cross-entropy over the positions whose label is not -100.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Language-model logits, aligned one-to-one with `input_ids` (with `decoder_input_ids` for an
+            encoder-decoder LM).
+        past_key_values, hidden_states, attentions, encoder_last_hidden_state, image_hidden_states:
+            As in [`BridgeVLMModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class BridgeVLMPreTrainedModel(FreezingMixin, PreTrainedModel):
+    config: BridgeVLMConfig
+    config_class = BridgeVLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+    # The bridge is small and numerically delicate (BLIP-2 keeps its Q-Former in fp32 for the same reason): it stays
+    # fp32 when the rest is loaded in bf16 / fp16, and activations are cast at its boundaries.
+    _keep_in_fp32_modules_strict = ["bridge"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is getattr(self, "language_projection", None):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class BridgeVLMModel(BridgeVLMPreTrainedModel):
+    r"""
+    Vision tower, bridge, language projection and language model, without a language-modelling head.
+
+    Args:
+        config ([`BridgeVLMConfig`]):
+            The composite configuration; each part is built from its sub-config with the Auto classes.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from vlbridge import BridgeVLMConfig, BridgeVLMModel
+    >>> config = BridgeVLMConfig(
+    ...     vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+    ...                    "num_hidden_layers": 1, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+    ...     bridge_config={"model_type": "vlbridge_mlp", "hidden_size": 32, "drop_cls_token": True},
+    ...     text_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    ...                  "num_attention_heads": 4, "vocab_size": 100},
+    ...     image_token_id=99,
+    ... )
+    >>> model = BridgeVLMModel(config)
+    >>> input_ids = torch.tensor([[1] + [99] * config.num_image_tokens + [5, 6]])
+    >>> model(input_ids=input_ids, pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state.shape
+    torch.Size([1, 19, 32])
+    ```
+    """
+
+    def __init__(self, config: BridgeVLMConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.bridge = AutoModel.from_config(config.bridge_config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        embed_dim = self.language_model.get_input_embeddings().embedding_dim
+        self.language_projection = nn.Linear(config.bridge_config.hidden_size, embed_dim)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_encoder(self, modality: str | None = None):
+        if not self.config.is_encoder_decoder:
+            raise AttributeError("Only an encoder-decoder language model has an encoder.")
+        return self.language_model.get_encoder()
+
+    def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Runs the vision tower; (num_images, C, H, W) -> (num_images, P, Dv)."""
+        layer = self.config.vision_feature_layer
+        tower_trains = any(p.requires_grad for p in self.vision_tower.parameters())
+        # A frozen tower needs no autograd graph: this saves its activations' memory, as LAVIS does.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
+            outputs = self.vision_tower(
+                pixel_values=pixel_values.to(self.vision_tower.dtype),
+                output_hidden_states=layer is not None,
+                return_dict=True,
+            )
+        return outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        image_attention_mask: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.FloatTensor:
+        """
+        Encodes images into the tokens that replace their `<image>` placeholders.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`):
+                Images, as the processor returns them.
+            image_attention_mask (`torch.Tensor` of shape `(num_images, num_features)`, *optional*):
+                Which image features are real (padded features are masked out in the bridge).
+            qformer_input_ids (`torch.LongTensor` of shape `(num_images, text_length)`, *optional*):
+                InstructBLIP mode: the instruction, tokenized for the Q-Former, one row per image.
+            qformer_attention_mask (`torch.Tensor` of shape `(num_images, text_length)`, *optional*):
+                Padding mask of `qformer_input_ids`.
+
+        Returns:
+            `torch.FloatTensor` of shape `(num_images, num_image_tokens, embed_dim)`, in the language projection's
+            dtype.
+        """
+        image_embeds = self._vision_features(pixel_values)  # (num_images, P, Dv)
+        bridge_kwargs = {}
+        if self.config.use_qformer_text_input:
+            if qformer_input_ids is None:
+                raise ValueError(
+                    "This model feeds the instruction to the Q-Former (use_qformer_text_input=True): pass "
+                    "qformer_input_ids, as BridgeProcessor returns them when built with a qformer_tokenizer."
+                )
+            bridge_kwargs = {"input_ids": qformer_input_ids, "attention_mask": qformer_attention_mask}
+        bridge_outputs = self.bridge(image_embeds=image_embeds, image_attention_mask=image_attention_mask, **bridge_kwargs)
+        image_tokens = bridge_outputs.image_tokens  # (num_images, N, Db), in the bridge's fp32
+        projection_dtype = self.language_projection.weight.dtype
+        return self.language_projection(image_tokens.to(projection_dtype))  # (num_images, N, Dt)
+
+    def _per_image_qformer_inputs(self, input_ids, qformer_input_ids, qformer_attention_mask):
+        """The processor gives one Q-Former text per sample; each of a sample's images gets that sample's text."""
+        if qformer_input_ids is None or input_ids is None:
+            return qformer_input_ids, qformer_attention_mask
+        images_per_sample = (input_ids == self.config.image_token_id).sum(-1) // self.config.num_image_tokens
+        if int(images_per_sample.sum()) == qformer_input_ids.shape[0]:
+            return qformer_input_ids, qformer_attention_mask  # already one row per image
+        qformer_input_ids = qformer_input_ids.repeat_interleave(images_per_sample, dim=0)
+        if qformer_attention_mask is not None:
+            qformer_attention_mask = qformer_attention_mask.repeat_interleave(images_per_sample, dim=0)
+        return qformer_input_ids, qformer_attention_mask
+
+    def merge_image_tokens(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor | None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
+        """
+        Embeds `input_ids` and scatters the image tokens into the `<image>` placeholder positions.
+
+        Returns:
+            `(inputs_embeds, image_features)`: `(batch_size, sequence_length, embed_dim)` and
+            `(num_images, num_image_tokens, embed_dim)` (None without images).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, Dt)
+        placeholder_mask = self._placeholder_mask(input_ids, inputs_embeds)  # (B, T)
+        if pixel_values is None:
+            if placeholder_mask.any():
+                raise ValueError(
+                    f"input_ids hold {int(placeholder_mask.sum())} image tokens but no pixel_values were given: "
+                    "pass the images to the processor together with the text."
+                )
+            return inputs_embeds, None
+        qformer_input_ids, qformer_attention_mask = self._per_image_qformer_inputs(
+            input_ids, qformer_input_ids, qformer_attention_mask
+        )
+        image_features = self.get_image_features(
+            pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask
+        )
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        num_tokens, num_features = int(placeholder_mask.sum()), image_features.shape[0] * image_features.shape[1]
+        if num_tokens != num_features:
+            # The wording "Image features and image tokens do not match" is what TRL looks for to add its own hint.
+            raise ValueError(
+                f"Image features and image tokens do not match: the text holds {num_tokens} image tokens, the "
+                f"{image_features.shape[0]} image(s) give {num_features} ({image_features.shape[1]} each). Build "
+                "inputs with BridgeProcessor (one <image> per image, expanded for you) and never truncate them."
+            )
+        mask = placeholder_mask.unsqueeze(-1).expand_as(inputs_embeds)
+        inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+        return inputs_embeds, image_features
+
+    def _placeholder_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings().weight[self.config.image_token_id]
+        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BridgeVLMModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids in which every image is a run of `config.num_image_tokens` `<image>` tokens.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, *optional*):
+                The images, in the order their placeholders appear in the batch.
+            qformer_input_ids, qformer_attention_mask (*optional*):
+                InstructBLIP mode only: the instruction tokenized for the Q-Former, one row per sample or per image.
+            decoder_input_ids, decoder_attention_mask, encoder_outputs (*optional*):
+                Encoder-decoder language models only, as in transformers' T5.
+            Other arguments are the language model's.
+        """
+        image_features = None
+        if encoder_outputs is None or not self.config.is_encoder_decoder:
+            if input_ids is not None or inputs_embeds is not None:
+                inputs_embeds, image_features = self.merge_image_tokens(
+                    input_ids, inputs_embeds, pixel_values, image_attention_mask,
+                    qformer_input_ids, qformer_attention_mask,
+                )  # fmt: skip
+        lm_kwargs = dict(
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        if self.config.is_encoder_decoder:
+            outputs = self.language_model(
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                encoder_outputs=encoder_outputs,
+                **lm_kwargs,
+            )
+            return BridgeVLMModelOutput(
+                last_hidden_state=outputs.last_hidden_state,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.decoder_hidden_states,
+                attentions=outputs.decoder_attentions,
+                encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+                image_hidden_states=image_features,
+            )
+        outputs = self.language_model(position_ids=position_ids, **lm_kwargs)
+        return BridgeVLMModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixin):
+    r"""
+    [`BridgeVLMModel`] with a language-modelling head: trains with `labels` and generates text about images.
+
+    Args:
+        config ([`BridgeVLMConfig`]):
+            The composite configuration.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from vlbridge import BridgeVLMConfig, BridgeVLMForConditionalGeneration
+    >>> config = BridgeVLMConfig(
+    ...     vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+    ...                    "num_hidden_layers": 1, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+    ...     bridge_config={"model_type": "vlbridge_qformer", "hidden_size": 32, "num_hidden_layers": 2,
+    ...                    "num_attention_heads": 4, "intermediate_size": 64, "num_query_tokens": 4},
+    ...     text_config={"model_type": "opt", "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 1,
+    ...                  "num_attention_heads": 4, "vocab_size": 100, "word_embed_proj_dim": 32},
+    ...     image_token_id=99,
+    ... )
+    >>> model = BridgeVLMForConditionalGeneration(config).eval()
+    >>> input_ids = torch.tensor([[2] + [99] * 4 + [5, 6]])
+    >>> out = model(input_ids=input_ids, pixel_values=torch.randn(1, 3, 32, 32), labels=input_ids)
+    >>> out.logits.shape, out.loss.ndim
+    (torch.Size([1, 7, 100]), 0)
+    >>> model.generate(input_ids=input_ids, pixel_values=torch.randn(1, 3, 32, 32), max_new_tokens=3).shape
+    torch.Size([1, 10])
+    ```
+    """
+
+    # Trainer must not assume the loss is already normalised for gradient accumulation (see hf_stack_internals §6).
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: BridgeVLMConfig):
+        super().__init__(config)
+        self.model = BridgeVLMModel(config)
+        embeddings = self.model.get_input_embeddings()
+        self.lm_head = nn.Linear(embeddings.embedding_dim, config.text_config.vocab_size, bias=False)
+        # The tied source differs per language model (OPT `decoder.embed_tokens`, Llama `embed_tokens`, T5 `shared`).
+        source = next(n for n, p in self.model.language_model.named_parameters() if p is embeddings.weight)
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{source}"}
+        # T5 rescales decoder outputs before a tied head; keep its logits identical to T5ForConditionalGeneration.
+        scale_outputs = getattr(config.text_config, "scale_decoder_outputs", False)
+        self._lm_head_scale = embeddings.embedding_dim**-0.5 if scale_outputs else 1.0
+        self.post_init()
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_path: str,
+        text_path: str,
+        bridge_config,
+        image_token_id: int | None = None,
+        dtype: torch.dtype | None = None,
+        **config_kwargs,
+    ) -> BridgeVLMForConditionalGeneration:
+        r"""
+        Builds a VLM from two separately saved checkpoints: a vision model (vision-only, or a CLIP / SigLIP dual
+        encoder whose image half is kept) and a causal or sequence-to-sequence language model. The bridge and the
+        language projection are new.
+
+        Args:
+            vision_path (`str` or `os.PathLike`):
+                Directory or Hub id of the vision checkpoint, e.g. `"openai/clip-vit-large-patch14"`.
+            text_path (`str` or `os.PathLike`):
+                Directory or Hub id of the language model, e.g. `"facebook/opt-2.7b"`.
+            bridge_config (`PreTrainedConfig` or `dict`):
+                The bridge, e.g. `QFormerConfig(num_query_tokens=32)` or `{"model_type": "vlbridge_mlp", ...}`.
+            image_token_id (`int`, *optional*):
+                Id of `<image>`; by default it is looked up in (or added to) the language model's tokenizer.
+            dtype (`torch.dtype`, *optional*):
+                Dtype of the vision tower and the language model; the bridge stays fp32.
+            config_kwargs:
+                Further [`BridgeVLMConfig`] fields (e.g. `vision_feature_layer=-2`).
+
+        Example:
+
+        ```python
+        >>> from vlbridge import BridgeVLMForConditionalGeneration, QFormerConfig
+        >>> model = BridgeVLMForConditionalGeneration.from_vision_text_pretrained(  # doctest: +SKIP
+        ...     "openai/clip-vit-large-patch14", "facebook/opt-350m", QFormerConfig(num_query_tokens=32)
+        ... )
+        ```
+        """
+        return from_vision_text_pretrained(cls, vision_path, text_path, bridge_config, image_token_id, dtype=dtype,
+                                           **config_kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_encoder(self, modality: str | None = None):
+        return self.model.get_encoder()
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
+        """See [`BridgeVLMModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> BridgeVLMOutput:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Decoder-only LM: aligned with `input_ids` and shifted inside (-100 = no loss, so image, prompt and
+                padding positions are -100). Encoder-decoder LM: the target sequence; `decoder_input_ids` are made
+                from it by shifting right when not given.
+            logits_to_keep (`int`, *optional*, defaults to 0):
+                Compute logits for the last `logits_to_keep` positions only (0 = all).
+            Other arguments: see [`BridgeVLMModel.forward`].
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        is_seq2seq = self.config.is_encoder_decoder
+        if is_seq2seq and labels is not None and decoder_input_ids is None:
+            decoder_input_ids = self._shift_right(labels)
+        if is_seq2seq:
+            kwargs["decoder_input_ids"] = decoder_input_ids
+        outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        if self._lm_head_scale != 1.0:
+            hidden_states = hidden_states * self._lm_head_scale
+        logits = self.lm_head(hidden_states)  # (B, T, vocab)
+
+        loss = None
+        if labels is not None:
+            vocab_size = self.config.text_config.vocab_size
+            if is_seq2seq:
+                loss = _cross_entropy(logits, labels, num_items_in_batch)
+            else:
+                loss = self.loss_function(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch)
+        return BridgeVLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def _shift_right(self, labels: torch.LongTensor) -> torch.LongTensor:
+        text_config = self.config.text_config
+        start = text_config.decoder_start_token_id
+        if start is None:
+            raise ValueError("The encoder-decoder text_config needs decoder_start_token_id to build decoder inputs.")
+        shifted = labels.new_full(labels.shape, start)
+        shifted[:, 1:] = labels[:, :-1]
+        pad = text_config.pad_token_id if text_config.pad_token_id is not None else 0
+        return shifted.masked_fill(shifted == -100, pad)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        # Images are encoded once, at prefill; afterwards the KV cache already holds them.
+        if not is_first_iteration and model_inputs.get("use_cache", kwargs.get("use_cache", True)):
+            for key in IMAGE_INPUT_KEYS:
+                model_inputs.pop(key, None)
+        return model_inputs
+
+    def _prepare_text_encoder_decoder_kwargs_for_generation(
+        self, inputs_tensor, model_kwargs, model_input_name, generation_config
+    ):
+        # Encoder-decoder LM: the images must be in the encoder's input embeddings before the encoder runs once.
+        image_kwargs = {key: model_kwargs.pop(key, None) for key in IMAGE_INPUT_KEYS}
+        input_ids = inputs_tensor if model_input_name == "input_ids" else None
+        inputs_embeds = inputs_tensor if model_input_name == "inputs_embeds" else None
+        inputs_embeds, _ = self.model.merge_image_tokens(input_ids, inputs_embeds, **image_kwargs)
+        return super()._prepare_text_encoder_decoder_kwargs_for_generation(
+            inputs_embeds, model_kwargs, "inputs_embeds", generation_config
+        )
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Token cross-entropy without shift (encoder-decoder targets are already aligned with the logits)."""
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device), reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss
+
+
+__all__ = [
+    "BridgeVLMForConditionalGeneration",
+    "BridgeVLMModel",
+    "BridgeVLMModelOutput",
+    "BridgeVLMOutput",
+    "BridgeVLMPreTrainedModel",
+]
