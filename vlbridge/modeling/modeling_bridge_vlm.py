@@ -457,6 +457,9 @@ class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixi
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         **kwargs,
@@ -477,7 +480,15 @@ class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixi
             decoder_input_ids = self._shift_right(labels)
         if is_seq2seq:
             kwargs["decoder_input_ids"] = decoder_input_ids
-        outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            image_attention_mask=image_attention_mask,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
+            **kwargs,
+        )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
