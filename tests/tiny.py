@@ -21,9 +21,10 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID, IMAGE_ID = range(5)
 VOCAB_SIZE = 96  # >= len(SPECIAL_TOKENS) + len(WORDS), rounded up
 
 
-def make_tokenizer(padding_side: str = "right", add_bos: bool = True) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over a fixed vocabulary with `<image>` as a special token."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(dict.fromkeys(WORDS)))}
+def make_tokenizer(padding_side: str = "right", add_bos: bool = True, image_token: bool = True):
+    """A word-level tokenizer over a fixed vocabulary with `<image>` as a special token (unless told otherwise)."""
+    specials = SPECIAL_TOKENS if image_token else SPECIAL_TOKENS[:-1]
+    vocab = {token: i for i, token in enumerate(specials + list(dict.fromkeys(WORDS)))}
     assert len(vocab) <= VOCAB_SIZE
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -38,7 +39,7 @@ def make_tokenizer(padding_side: str = "right", add_bos: bool = True) -> PreTrai
         bos_token="<s>",
         eos_token="</s>",
         padding_side=padding_side,
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>"} if image_token else {},
     )
     return tokenizer
 

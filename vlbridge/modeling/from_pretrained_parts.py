@@ -20,9 +20,8 @@ def _vision_weights(vision_path: str, dtype) -> tuple[object, dict[str, torch.Te
     config = AutoConfig.from_pretrained(vision_path)
     full = AutoModel.from_pretrained(vision_path, dtype=dtype)
     if getattr(config, "vision_config", None) is not None and hasattr(full, "vision_model"):
-        # A dual encoder (CLIPModel, SiglipModel): keep the image half; the vision-only class nests it the same way.
-        state = {k: v for k, v in full.state_dict().items() if k.startswith("vision_model.")}
-        return config.vision_config, state
+        # A dual encoder (CLIPModel, SiglipModel): keep the image half.
+        return config.vision_config, full.vision_model.state_dict()
     return config, full.state_dict()
 
 
@@ -75,7 +74,10 @@ def from_vision_text_pretrained(
         model.to(dtype)
         model.model.bridge.float()  # the bridge stays fp32 (ARCHITECTURE rule 4)
 
-    incompatible = model.model.vision_tower.load_state_dict(vision_state, strict=False)
+    tower = model.model.vision_tower
+    if all(k.startswith("vision_model.") for k in tower.state_dict()):  # towers that nest their transformer
+        vision_state = {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in vision_state.items()}
+    incompatible = tower.load_state_dict(vision_state, strict=False)
     if incompatible.missing_keys:
         raise ValueError(f"{vision_path} lacks vision weights {incompatible.missing_keys[:5]}...")
     base = getattr(text_model, text_model.base_model_prefix, text_model)

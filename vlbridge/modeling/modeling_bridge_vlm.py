@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput, logging
 from ..configuration import BridgeVLMConfig
 from ..trainers.freezing import FreezingMixin
 from .from_pretrained_parts import from_vision_text_pretrained
+from .hub import push_to_hub_with_processor
 
 
 logger = logging.get_logger(__name__)
@@ -431,6 +432,30 @@ class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixi
         """
         return from_vision_text_pretrained(cls, vision_path, text_path, bridge_config, image_token_id, dtype=dtype,
                                            **config_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, processor=None, card_details: str = "", **kwargs):
+        r"""
+        Uploads the model, its processor (processor config, tokenizer files, chat template) and a model card to the
+        Hub in one commit.
+
+        Args:
+            repo_id (`str`):
+                The repository, e.g. `"my-org/blip2-opt-captioner"`; created if it does not exist.
+            processor ([`BridgeProcessor`], *optional*):
+                Saved beside the model, so `AutoProcessor.from_pretrained(repo_id)` works.
+            card_details (`str`, *optional*):
+                Markdown for the model card (training stage, data, metrics).
+            kwargs:
+                `commit_message`, `private`, `token`, `revision`, `create_pr`, `tags`, as in transformers.
+
+        Example:
+
+        ```python
+        >>> model.push_to_hub("my-org/my-vlm", processor=processor)  # doctest: +SKIP
+        ```
+        """
+        kwargs.pop("max_shard_size", None)
+        return push_to_hub_with_processor(self, repo_id, processor=processor, card_details=card_details, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
