@@ -20,7 +20,9 @@ from vlbridge.conversion import convert_blip2_checkpoint
 
 
 NUM_QUERY = 4
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
 QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=96,
                max_position_embeddings=64)  # fmt: skip
 

@@ -68,7 +68,9 @@ def test_forward_loss_gradients_generate(vision, bridge, text):
         assert torch.equal(generated[:, : input_ids.shape[1]], input_ids)
 
 
-@pytest.mark.parametrize("vision,bridge,text", [c for c in COMBOS if c[0] == "clip"] + [("siglip", "qformer", "llama")])
+@pytest.mark.parametrize(
+    "vision,bridge,text", [c for c in COMBOS if c[0] == "clip"] + [("siglip", "qformer", "llama")]
+)
 def test_save_load_round_trip_bit_exact(tmp_path, vision, bridge, text):
     model = build(vision, bridge, text).eval()
     model.save_pretrained(tmp_path)
@@ -154,9 +156,7 @@ def test_generate_modes_and_kv_cache(text):
     beams = model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=4, num_beams=3)
     assert beams.shape[0] == 2
     torch.manual_seed(0)
-    sampled = model.generate(
-        input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=4, do_sample=True, top_k=5
-    )
+    sampled = model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=4, do_sample=True, top_k=5)
     assert sampled.shape[0] == 2
 
 

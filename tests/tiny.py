@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig
 
 from vlbridge import BridgeVLMConfig
+from vlbridge.data import build_word_tokenizer
 
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = (
     "a an the of and is are in on left right above below next to with what how many colour color shape "
     "red green blue yellow white black purple orange circle circles square squares triangle triangles star "
@@ -23,24 +22,8 @@ VOCAB_SIZE = 96  # >= len(SPECIAL_TOKENS) + len(WORDS), rounded up
 
 def make_tokenizer(padding_side: str = "right", add_bos: bool = True, image_token: bool = True):
     """A word-level tokenizer over a fixed vocabulary with `<image>` as a special token (unless told otherwise)."""
-    specials = SPECIAL_TOKENS if image_token else SPECIAL_TOKENS[:-1]
-    vocab = {token: i for i, token in enumerate(specials + list(dict.fromkeys(WORDS)))}
-    assert len(vocab) <= VOCAB_SIZE
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    if add_bos:
-        backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_ID)]
-        )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side=padding_side,
-        extra_special_tokens={"image_token": "<image>"} if image_token else {},
-    )
+    tokenizer = build_word_tokenizer(WORDS, padding_side=padding_side, add_bos=add_bos, image_token=image_token)
+    assert len(tokenizer) <= VOCAB_SIZE
     return tokenizer
 
 
@@ -61,18 +44,37 @@ def text_config(kind: str = "opt", hidden_size: int = 32, vocab_size: int = VOCA
     common = dict(vocab_size=vocab_size, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     if kind == "opt":
         return AutoConfig.for_model(
-            "opt", hidden_size=hidden_size, word_embed_proj_dim=hidden_size, ffn_dim=2 * hidden_size,
-            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, **common,
+            "opt",
+            hidden_size=hidden_size,
+            word_embed_proj_dim=hidden_size,
+            ffn_dim=2 * hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **common,
         )
     if kind == "llama":
         return AutoConfig.for_model(
-            "llama", hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **common,
+            "llama",
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
         )
     if kind == "t5":
         return AutoConfig.for_model(
-            "t5", d_model=hidden_size, d_kv=8, d_ff=2 * hidden_size, num_layers=2, num_decoder_layers=2,
-            num_heads=4, decoder_start_token_id=PAD_ID, **common,
+            "t5",
+            d_model=hidden_size,
+            d_kv=8,
+            d_ff=2 * hidden_size,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=PAD_ID,
+            **common,
         )
     raise ValueError(kind)
 
@@ -80,13 +82,23 @@ def text_config(kind: str = "opt", hidden_size: int = 32, vocab_size: int = VOCA
 def bridge_config(kind: str = "qformer", hidden_size: int = 32, **overrides):
     if kind == "qformer":
         kwargs = dict(
-            model_type="vlbridge_qformer", hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=2 * hidden_size, num_query_tokens=4, vocab_size=VOCAB_SIZE, max_position_embeddings=64,
+            model_type="vlbridge_qformer",
+            hidden_size=hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden_size,
+            num_query_tokens=4,
+            vocab_size=VOCAB_SIZE,
+            max_position_embeddings=64,
         )
     elif kind == "perceiver":
         kwargs = dict(
-            model_type="vlbridge_perceiver", hidden_size=hidden_size, num_latents=4, num_hidden_layers=2,
-            num_attention_heads=4, head_dim=8,
+            model_type="vlbridge_perceiver",
+            hidden_size=hidden_size,
+            num_latents=4,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            head_dim=8,
         )
     elif kind == "mlp":
         kwargs = dict(model_type="vlbridge_mlp", hidden_size=hidden_size, drop_cls_token=True)

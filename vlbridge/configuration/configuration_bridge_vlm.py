@@ -124,7 +124,8 @@ class BridgeVLMConfig(PreTrainedConfig):
             if self.bridge_config.model_type == "vlbridge_mlp":
                 raise ValueError(
                     f"Cannot count the image features of vision tower '{self.vision_config.model_type}', which the "
-                    "MLP projector needs: pass vision_num_prefix_tokens=<number of CLS-like tokens> to BridgeVLMConfig."
+                    "MLP projector needs: pass vision_num_prefix_tokens=<number of CLS-like tokens> to "
+                    "BridgeVLMConfig."
                 )
             return None
         (height, width), (patch_h, patch_w) = _as_pair(image_size), _as_pair(patch_size)

@@ -31,7 +31,9 @@ def _vlbridge_config(source_config) -> BridgeVLMConfig:
             "This checkpoint predates image-token expansion (image_token_index is None). Load it with transformers, "
             "add '<image>' to its tokenizer, set config.image_token_index, save it, and convert that directory."
         )
-    qformer_config = qformer_config_from_blip2(source_config, source_config.num_query_tokens, use_text_input=is_instruct)
+    qformer_config = qformer_config_from_blip2(
+        source_config, source_config.num_query_tokens, use_text_input=is_instruct
+    )
     return BridgeVLMConfig(
         vision_config=source_config.vision_config.to_dict(),
         bridge_config=qformer_config.to_dict(),

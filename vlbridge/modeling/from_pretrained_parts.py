@@ -27,7 +27,9 @@ def _vision_weights(vision_path: str, dtype) -> tuple[object, dict[str, torch.Te
 
 def _text_weights(text_path: str, dtype):
     config = AutoConfig.from_pretrained(text_path)
-    auto_class = AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForSeq2SeqLM
+    auto_class = (
+        AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForSeq2SeqLM
+    )
     return config, auto_class.from_pretrained(text_path, dtype=dtype)
 
 
@@ -36,9 +38,10 @@ def _image_token(text_path: str, image_token: str) -> tuple[int, int]:
     tokenizer = AutoTokenizer.from_pretrained(text_path)
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+        new_id = tokenizer.convert_tokens_to_ids(image_token)
         logger.warning(
-            f"Added {image_token!r} to the tokenizer of {text_path} as id {tokenizer.convert_tokens_to_ids(image_token)}"
-            "; build BridgeProcessor with this tokenizer, which adds it the same way."
+            f"Added {image_token!r} to the tokenizer of {text_path} as id {new_id}; build BridgeProcessor with this "
+            "tokenizer, which adds it the same way."
         )
     return tokenizer.convert_tokens_to_ids(image_token), len(tokenizer)
 
@@ -76,7 +79,9 @@ def from_vision_text_pretrained(
 
     tower = model.model.vision_tower
     if all(k.startswith("vision_model.") for k in tower.state_dict()):  # towers that nest their transformer
-        vision_state = {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in vision_state.items()}
+        vision_state = {
+            k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in vision_state.items()
+        }
     incompatible = tower.load_state_dict(vision_state, strict=False)
     if incompatible.missing_keys:
         raise ValueError(f"{vision_path} lacks vision weights {incompatible.missing_keys[:5]}...")

@@ -200,7 +200,9 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
                     "qformer_input_ids, as BridgeProcessor returns them when built with a qformer_tokenizer."
                 )
             bridge_kwargs = {"input_ids": qformer_input_ids, "attention_mask": qformer_attention_mask}
-        bridge_outputs = self.bridge(image_embeds=image_embeds, image_attention_mask=image_attention_mask, **bridge_kwargs)
+        bridge_outputs = self.bridge(
+            image_embeds=image_embeds, image_attention_mask=image_attention_mask, **bridge_kwargs
+        )
         image_tokens = bridge_outputs.image_tokens  # (num_images, N, Db), in the bridge's fp32
         projection_dtype = self.language_projection.weight.dtype
         return self.language_projection(image_tokens.to(projection_dtype))  # (num_images, N, Dt)
@@ -430,8 +432,9 @@ class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixi
         ... )
         ```
         """
-        return from_vision_text_pretrained(cls, vision_path, text_path, bridge_config, image_token_id, dtype=dtype,
-                                           **config_kwargs)
+        return from_vision_text_pretrained(
+            cls, vision_path, text_path, bridge_config, image_token_id, dtype=dtype, **config_kwargs
+        )
 
     def push_to_hub(self, repo_id: str, *, processor=None, card_details: str = "", **kwargs):
         r"""

@@ -1,0 +1,237 @@
+"""PerceiverResamplerModel: shapes, masking, attention backends, checkpointing, dtype, save / load, and
+number-for-number parity with transformers' Flamingo-style `IdeficsPerceiverResampler`."""
+
+import pytest
+import torch
+from tiny import bridge_config
+from transformers import IdeficsConfig
+from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
+
+from vlbridge.modeling.modeling_perceiver import PerceiverResamplerModel
+from vlbridge.modeling.outputs import BridgeModelOutput
+
+
+HIDDEN = 32
+NUM_LATENTS = 4  # tiny.bridge_config("perceiver")
+NUM_LAYERS = 2
+
+
+def make_model(encoder_hidden_size: int = HIDDEN, attn_implementation: str | None = None, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = bridge_config("perceiver", hidden_size=HIDDEN, encoder_hidden_size=encoder_hidden_size, **overrides)
+    return PerceiverResamplerModel._from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def padding_mask(batch_size: int, num_features: int, lengths: list[int]) -> torch.Tensor:
+    mask = torch.zeros(batch_size, num_features, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return mask
+
+
+@pytest.mark.parametrize("num_features", [1, 5, 33])
+def test_output_has_num_latents_tokens_whatever_the_number_of_features(num_features):
+    model = make_model()
+    output = model(torch.randn(3, num_features, HIDDEN), output_hidden_states=True)
+    assert isinstance(output, BridgeModelOutput)
+    assert output.image_tokens.shape == (3, NUM_LATENTS, HIDDEN)
+    assert output.last_hidden_state is output.image_tokens
+    assert len(output.hidden_states) == NUM_LAYERS + 1
+    assert all(h.shape == (3, NUM_LATENTS, HIDDEN) for h in output.hidden_states)
+    as_tuple = model(torch.randn(3, num_features, HIDDEN), return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].shape == (3, NUM_LATENTS, HIDDEN)
+
+
+def test_input_projection_only_when_widths_differ():
+    same = make_model(encoder_hidden_size=HIDDEN)
+    assert same.input_proj is None
+    assert not any(key.startswith("input_proj") for key in same.state_dict())
+
+    wider = make_model(encoder_hidden_size=48)
+    assert isinstance(wider.input_proj, torch.nn.Linear)
+    assert (wider.input_proj.in_features, wider.input_proj.out_features) == (48, HIDDEN)
+    assert wider(torch.randn(2, 6, 48)).image_tokens.shape == (2, NUM_LATENTS, HIDDEN)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_masked_features_do_not_change_the_output(attn_implementation):
+    model = make_model(attn_implementation=attn_implementation)
+    torch.manual_seed(1)
+    image_embeds = torch.randn(2, 9, HIDDEN)
+    mask = padding_mask(2, 9, [9, 5])
+    reference = model(image_embeds, image_attention_mask=mask).image_tokens
+
+    # Garbage in the padding, even non-finite, must not reach the output.
+    garbage = image_embeds.clone()
+    garbage[1, 5:] = 1e4 * torch.randn(4, HIDDEN)
+    garbage[1, 7] = float("nan")
+    torch.testing.assert_close(model(garbage, image_attention_mask=mask).image_tokens, reference, atol=1e-6, rtol=0)
+
+    # Padding is equivalent to absence: the second image alone, unpadded, gives the same tokens.
+    alone = model(image_embeds[1:, :5]).image_tokens
+    torch.testing.assert_close(alone, reference[1:], atol=1e-5, rtol=1e-5)
+
+    # ... while a change to a real feature does change them (not a constant shift: LayerNorm would remove it).
+    changed = image_embeds.clone()
+    changed[1, 2] = torch.randn(HIDDEN)
+    assert not torch.allclose(model(changed, image_attention_mask=mask).image_tokens[1], reference[1], atol=1e-4)
+
+
+def test_masked_features_get_zero_attention_weight():
+    model = make_model(attn_implementation="eager")
+    output = model(torch.randn(2, 6, HIDDEN), image_attention_mask=padding_mask(2, 6, [6, 2]), output_attentions=True)
+    assert len(output.attentions) == NUM_LAYERS
+    for weights in output.attentions:
+        assert weights.shape == (2, 4, NUM_LATENTS, 6 + NUM_LATENTS)  # keys: image features then latents
+        assert torch.all(weights[1, :, :, 2:6] == 0)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, NUM_LATENTS))
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_fully_masked_image_gives_finite_tokens_and_gradients(attn_implementation):
+    model = make_model(attn_implementation=attn_implementation).train()
+    image_embeds = torch.randn(2, 5, HIDDEN, requires_grad=True)
+    mask = padding_mask(2, 5, [5, 0])
+    tokens = model(image_embeds, image_attention_mask=mask).image_tokens
+    assert torch.isfinite(tokens).all()
+    tokens.sum().backward()
+    assert torch.isfinite(image_embeds.grad).all() and torch.all(image_embeds.grad[1] == 0)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_eager_and_sdpa_agree_with_a_mask():
+    eager, sdpa = make_model(attn_implementation="eager"), make_model(attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    sdpa.load_state_dict(eager.state_dict())
+    image_embeds = torch.randn(3, 11, HIDDEN)
+    mask = padding_mask(3, 11, [11, 6, 1])
+    torch.testing.assert_close(
+        eager(image_embeds, image_attention_mask=mask).image_tokens,
+        sdpa(image_embeds, image_attention_mask=mask).image_tokens,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def _gradients(model: PerceiverResamplerModel, image_embeds: torch.Tensor, mask: torch.Tensor) -> dict:
+    model.zero_grad()
+    model(image_embeds, image_attention_mask=mask).image_tokens.pow(2).mean().backward()
+    return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = make_model(encoder_hidden_size=48).train()
+    image_embeds, mask = torch.randn(2, 7, 48), padding_mask(2, 7, [7, 3])
+    plain = _gradients(model, image_embeds, mask)
+
+    model.activation_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    # Checkpointing recomputes each layer in backward: its attention then runs twice per step, not once.
+    calls = []
+    hooks = [layer.attention.register_forward_hook(lambda *_: calls.append(1)) for layer in model.layers]
+    checkpointed = _gradients(model, image_embeds, mask)
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == 2 * NUM_LAYERS
+
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradients_reach_the_latents_and_every_layer():
+    model = make_model(encoder_hidden_size=48).train()
+    model(torch.randn(2, 7, 48), image_attention_mask=padding_mask(2, 7, [7, 4])).image_tokens.pow(2).mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # ... and the loop above did cover the latents, the input projection and every layer.
+    names = [name for name, _ in model.named_parameters()]
+    assert "latents" in names and "input_proj.weight" in names and "layernorm.weight" in names
+    assert all(any(name.startswith(f"layers.{i}.") for name in names) for i in range(NUM_LAYERS))
+
+
+def test_save_and_load_are_bit_exact(tmp_path):
+    model = make_model(encoder_hidden_size=48)
+    image_embeds, mask = torch.randn(2, 7, 48), padding_mask(2, 7, [7, 5])
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = PerceiverResamplerModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.to_diff_dict() | {"_name_or_path": ""} == model.config.to_diff_dict() | {"_name_or_path": ""}
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[key], loaded_state[key]) for key in state)
+    assert torch.equal(loaded(image_embeds, mask).image_tokens, model(image_embeds, mask).image_tokens)
+
+
+def test_bf16_features_into_an_fp32_bridge():
+    model = make_model(encoder_hidden_size=48)
+    image_embeds, mask = torch.randn(2, 7, 48).to(torch.bfloat16), padding_mask(2, 7, [7, 3])
+    tokens = model(image_embeds, image_attention_mask=mask).image_tokens
+    assert tokens.dtype == torch.float32 and model.latents.dtype == torch.float32
+    # Same as feeding the bf16 values already upcast: the cast happens once, on entry.
+    torch.testing.assert_close(tokens, model(image_embeds.float(), image_attention_mask=mask).image_tokens)
+
+
+def test_wrong_inputs_raise_clear_errors():
+    model = make_model(encoder_hidden_size=48)
+    with pytest.raises(ValueError, match="encoder_hidden_size"):
+        model(torch.randn(2, 7, HIDDEN))
+    with pytest.raises(ValueError, match="encoder_hidden_size"):
+        model(torch.randn(7, 48))
+    with pytest.raises(ValueError, match="image_attention_mask"):
+        model(torch.randn(2, 7, 48), image_attention_mask=torch.ones(2, 6))
+
+
+# Our key -> IdeficsPerceiverResampler key. The block is the same (LayerNorm on image features and on latents,
+# bias-free q from latents, bias-free k / v over cat(image features, latents), scale head_dim ** -0.5, bias-free output
+# projection, residual; LayerNorm -> bias-free Linear(4x) -> ReLU -> bias-free Linear, residual; final LayerNorm);
+# only the names differ. Idefics has no input projection (widths equal here) and no mask (none passed to it);
+# `qk_layer_norms_perceiver=False` is the Flamingo design, which has no q / k LayerNorm.
+IDEFICS_KEYS = {
+    "latents": "latents",
+    "layernorm.{p}": "layer_norm.{p}",
+    "layers.{i}.image_layernorm.{p}": "blocks.{i}.0.context_layer_norm.{p}",
+    "layers.{i}.latents_layernorm.{p}": "blocks.{i}.0.latents_layer_norm.{p}",
+    "layers.{i}.attention.q_proj.weight": "blocks.{i}.0.q_proj.weight",
+    "layers.{i}.attention.k_proj.weight": "blocks.{i}.0.k_proj.weight",
+    "layers.{i}.attention.v_proj.weight": "blocks.{i}.0.v_proj.weight",
+    "layers.{i}.attention.o_proj.weight": "blocks.{i}.0.output_proj.weight",
+    "layers.{i}.post_attention_layernorm.{p}": "blocks.{i}.1.ln.{p}",
+    "layers.{i}.mlp.fc1.weight": "blocks.{i}.1.fc.weight",
+    "layers.{i}.mlp.fc2.weight": "blocks.{i}.1.c_proj.weight",
+}
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_parity_with_transformers_idefics_perceiver_resampler(attn_implementation):
+    idefics_config = IdeficsConfig(
+        vision_config={"embed_dim": HIDDEN}, perceiver_config={"qk_layer_norms_perceiver": False}
+    )
+    torch.manual_seed(0)
+    theirs = IdeficsPerceiverResampler(
+        idefics_config, embed_dim=HIDDEN, depth=NUM_LAYERS, n_heads=4, head_dim=8, n_latents=NUM_LATENTS
+    ).eval()
+    # Their LayerNorms start at ones / zeros: randomise them too, so the mapping of every tensor is checked.
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "norm" in name or name.endswith(".ln.weight") or name.endswith(".ln.bias"):
+                param.copy_(torch.randn_like(param) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+
+    ours = make_model(hidden_act="relu", ff_mult=4, attn_implementation=attn_implementation, seed=123)
+    their_state = theirs.state_dict()
+    mapped = {}
+    for i in range(NUM_LAYERS):
+        for ours_key, their_key in IDEFICS_KEYS.items():
+            for p in ("weight", "bias"):
+                mapped[ours_key.format(i=i, p=p)] = their_state[their_key.format(i=i, p=p)]
+    assert mapped.keys() == ours.state_dict().keys()
+    ours.load_state_dict(mapped, strict=True)
+
+    image_embeds = torch.randn(3, 13, HIDDEN)
+    with torch.no_grad():
+        expected = theirs(image_embeds)
+        # All-ones mask: the masked path must also reproduce the unmasked Flamingo block.
+        got = ours(image_embeds, image_attention_mask=torch.ones(3, 13)).image_tokens
+        got_unmasked = ours(image_embeds).image_tokens
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_unmasked, expected, atol=1e-5, rtol=1e-5)
