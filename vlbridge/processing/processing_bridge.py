@@ -1,0 +1,445 @@
+"""Processor of the bridged VLMs: an image processor, the language model's tokenizer and, for InstructBLIP-style
+models, the Q-Former's own tokenizer."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from transformers import AutoTokenizer
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput, make_flat_list_of_images
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import (
+    TOKENIZER_CONFIG_FILE,
+    AddedToken,
+    PreTrainedTokenizerBase,
+    TextInput,
+)
+from transformers.utils import cached_file, logging
+
+
+try:  # Placeholders that `mark_control_tokens` escaped in user input are text, not images (transformers >= 5.2x).
+    from transformers.processing_utils import _UNMARKED
+except ImportError:  # pragma: no cover
+    _UNMARKED = ""
+
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+QFORMER_TOKENIZER = "qformer_tokenizer"
+
+# Rendered as: [bos]"system: ...\n" "user: <image>\nWhat is it?\n" "assistant: A cat.</s>" ... ["assistant: "].
+# `generation` marks each assistant turn (and its EOS) for `return_assistant_tokens_mask=True`; the template
+# starts with BOS so that TRL, which tokenizes rendered chats with `add_special_tokens=False`, keeps it.
+_CHAT_TEMPLATE_BODY = (
+    "{%- if bos_token is defined and bos_token -%}{{- bos_token -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('Message roles must be system, user or assistant, got ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- set ns = namespace(text='') -%}"
+    "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.text = ns.text + image_token + '\\n' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + item['text'] -%}"
+    "{%- else -%}{{- raise_exception('Content entries must be of type image or text, got ' + item['type']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- message['role'] + ': ' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- ns.text -}}{%- if eos_token is defined and eos_token -%}{{- eos_token -}}{%- endif -%}"
+    "{%- endgeneration -%}"
+    "{%- else -%}{{- ns.text + '\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'assistant: ' -}}{%- endif -%}"
+)
+
+
+def default_chat_template(image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
+    """The chat template [`BridgeProcessor`] uses when given none, with `image_token` for `{"type": "image"}` entries.
+
+    Messages have roles `system`, `user` and `assistant`; `content` is a string or a list of `{"type": "text",
+    "text": ...}` / `{"type": "image"}` entries. Each image renders as `image_token` followed by a newline, each
+    message as `"<role>: <content>"` followed by a newline (user, system) or by EOS (assistant, inside
+    `{% generation %}`), and `add_generation_prompt=True` appends `"assistant: "`.
+    """
+    return "{%- set image_token = " + json.dumps(image_token) + " -%}" + _CHAT_TEMPLATE_BODY
+
+
+class _SubProcessorNames:
+    """`ProcessorMixin.get_attributes`, made aware of the optional Q-Former tokenizer.
+
+    On the class it names every sub-processor slot, which loading and `__init__` rely on; on an instance built
+    without a Q-Former tokenizer it leaves that slot out, so that `save_pretrained` and `repr` skip it.
+    """
+
+    def __get__(self, instance, owner):
+        names = ProcessorMixin.get_attributes.__func__(owner)
+        if instance is not None and instance.__dict__.get(QFORMER_TOKENIZER, "unset") is None:
+            names = [name for name in names if name != QFORMER_TOKENIZER]
+        return lambda: list(names)
+
+
+class BridgeProcessor(ProcessorMixin):
+    r"""
+    Processor of [`BridgeVLMForConditionalGeneration`]: images go through `image_processor` into `pixel_values`, and
+    each `image_token` in the text is expanded into exactly `num_image_tokens` copies of itself (one per bridge output
+    token) before `tokenizer` turns it into `input_ids`. The model scatters the bridge's outputs into those positions,
+    so logits stay aligned with `input_ids`.
+
+    Images are matched to the `image_token` placeholders in reading order: `pixel_values` holds every image of the
+    batch, sample after sample, shape `(total_images, channels, height, width)`. Pass `images` as one list per text
+    (`[[img_a, img_b], [], [img_c]]`) to have the count checked sample by sample, or as a flat list to have only the
+    total checked. `images=None` processes text alone.
+
+    Padding follows `padding_side=` when passed, else the tokenizer's `padding_side` (use left padding for batched
+    generation with a decoder-only language model). Text that already starts with the tokenizer's BOS, as the default
+    chat template renders it, is tokenized with `add_special_tokens=False` unless `add_special_tokens` is passed, so
+    it never gets a second BOS.
+
+    Nothing passed in is dropped silently; these raise a `ValueError` that names the fix:
+
+    - a different number of images and placeholders (per sample for nested image lists, in total otherwise);
+    - text that already holds expanded image tokens (a run of `num_image_tokens` or more placeholders that does not
+      match the images): pass one `image_token` per image;
+    - truncation that would cut an image: text is truncated as the tokenizer does it (`truncation_side`), but if any
+      image token would be removed, the error gives the `max_length` that keeps every image whole. Truncation that
+      only removes text before or after the images is fine.
+
+    Args:
+        image_processor ([`BaseImageProcessor`]):
+            Image processor of the vision tower (e.g. [`CLIPImageProcessor`], [`SiglipImageProcessor`]).
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            Tokenizer of the language model. `image_token` is added to it as a special token if it is missing, in
+            which case the language model's embeddings must be resized (a warning says so).
+        qformer_tokenizer ([`PreTrainedTokenizerBase`], *optional*):
+            Tokenizer of an instruction-aware Q-Former (InstructBLIP). When given, the processor also returns
+            `qformer_input_ids` and `qformer_attention_mask`, tokenized from the text with the image placeholders and
+            the language model's special tokens removed (same `padding`, `truncation` and `max_length`; the Q-Former
+            tokenizer's own padding side). It is saved in the `qformer_tokenizer/` subfolder.
+        chat_template (`str`, *optional*):
+            Jinja chat template; defaults to [`default_chat_template`], which renders `{"type": "image"}` entries as
+            `image_token` and marks assistant turns with `{% generation %}`.
+        image_token (`str`, *optional*):
+            The image placeholder. Defaults to the tokenizer's `image_token` attribute if it has one, else
+            `"<image>"`.
+        num_image_tokens (`int`, *optional*, defaults to 32):
+            Tokens each image takes in `input_ids`: `BridgeVLMConfig.num_image_tokens`, i.e. the bridge's output
+            length (Q-Former queries, Perceiver latents, or MLP-projected patches).
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from tokenizers import Tokenizer, models, pre_tokenizers
+    >>> from transformers import PreTrainedTokenizerFast, SiglipImageProcessorPil
+    >>> from vlbridge.processing import BridgeProcessor
+
+    >>> backend = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "what": 2, "is": 3, "it": 4}, unk_token="<unk>"))
+    >>> backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    >>> image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    >>> processor = BridgeProcessor(image_processor, tokenizer, num_image_tokens=3)
+    >>> inputs = processor(images=Image.new("RGB", (40, 30)), text="<image> what is it", return_tensors="pt")
+    >>> inputs["input_ids"].tolist(), tuple(inputs["pixel_values"].shape)
+    ([[5, 5, 5, 2, 3, 4]], (1, 3, 32, 32))
+    >>> processor.apply_chat_template(
+    ...     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it"}]}],
+    ...     add_generation_prompt=True,
+    ... )
+    'user: <image>\nwhat is it\nassistant: '
+
+    ```"""
+
+    # Language models take no `token_type_ids`; tokenizers that make them by default must not send them along.
+    text_kwargs = {"return_token_type_ids": False}
+
+    get_attributes = _SubProcessorNames()
+
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        qformer_tokenizer=None,
+        chat_template: str | None = None,
+        image_token: str | None = None,
+        num_image_tokens: int = 32,
+        **kwargs,
+    ):
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(f"`tokenizer` must be a PreTrainedTokenizerBase, got {type(tokenizer).__name__}.")
+        if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+            raise ValueError(
+                f"num_image_tokens must be a positive integer, got {num_image_tokens!r}: pass the model's "
+                "`config.num_image_tokens` (the number of tokens the bridge outputs per image)."
+            )
+        self.image_token = self._ensure_image_token(tokenizer, image_token)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.num_image_tokens = num_image_tokens
+        if chat_template is None:
+            chat_template = default_chat_template(self.image_token)
+        super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template, **kwargs)
+
+    @staticmethod
+    def _ensure_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str | None) -> str:
+        """Resolve the placeholder string and make sure the tokenizer encodes it as one token."""
+        if image_token is None:
+            image_token = getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
+        # A tokenizer may expose its image token as an `AddedToken` or, via `extra_special_tokens`, as a plain string.
+        image_token = str(getattr(image_token, "content", image_token))
+        ids = tokenizer.encode(image_token, add_special_tokens=False)
+        if len(ids) != 1 or (tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id):
+            tokenizer.add_tokens([AddedToken(image_token, normalized=False, special=True)], special_tokens=True)
+            logger.warning(
+                f"Added {image_token!r} to the tokenizer as special token id "
+                f"{tokenizer.convert_tokens_to_ids(image_token)} (vocabulary size now {len(tokenizer)}): call "
+                "`model.resize_token_embeddings(len(processor.tokenizer))` and set `config.image_token_id` to it."
+            )
+        return image_token
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == QFORMER_TOKENIZER and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+    @classmethod
+    def _load_tokenizer_from_pretrained(
+        cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs
+    ):
+        if sub_processor_type != QFORMER_TOKENIZER:
+            return super()._load_tokenizer_from_pretrained(
+                sub_processor_type, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+            )
+        # The Q-Former tokenizer is optional: load it if its subfolder was saved, never fall back to the main one.
+        folder = f"{subfolder}/{QFORMER_TOKENIZER}" if subfolder else QFORMER_TOKENIZER
+        hub_kwargs = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only")
+        found = cached_file(
+            pretrained_model_name_or_path,
+            TOKENIZER_CONFIG_FILE,
+            subfolder=folder,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **{key: kwargs[key] for key in hub_kwargs if key in kwargs},
+        )
+        if found is None:
+            return None
+        return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=folder, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = [name for name in self.tokenizer.model_input_names if name != "token_type_ids"]
+        names += [name for name in self.image_processor.model_input_names if name not in names]
+        if self.qformer_tokenizer is not None:
+            names += ["qformer_input_ids", "qformer_attention_mask"]
+        return names
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The text that stands for image `image_idx`: `num_image_tokens` copies of `image_token`."""
+        return self.image_token * self.num_image_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(
+            num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
+
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        videos=None,
+        audio=None,
+        **kwargs: Unpack[ProcessingKwargs],
+    ) -> BatchFeature:
+        """
+        Process images and text for the model.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, or a (nested) list of them, *optional*):
+                The images: one, a flat list matched to the placeholders in order, or one list per text.
+            text (`str` or `list[str]`, *optional*):
+                The text, with one `image_token` where each image goes.
+            kwargs:
+                Tokenizer arguments (`padding`, `padding_side`, `truncation`, `max_length`, `add_special_tokens`,
+                `return_offsets_mapping`, ...), image processor arguments, and `return_tensors`.
+
+        Returns:
+            [`BatchFeature`]: `input_ids`, `attention_mask` (with text), `pixel_values` (with images),
+            `qformer_input_ids` and `qformer_attention_mask` (with text and a Q-Former tokenizer), plus whatever
+            extra the tokenizer was asked for (`offset_mapping`, ...), `text_replacement_offsets` and
+            `mm_token_type_ids` when requested.
+        """
+        if videos is not None or audio is not None:
+            raise ValueError(f"{type(self).__name__} takes images and text only; got videos or audio.")
+        if images is None and text is None:
+            raise ValueError(f"Pass `images`, `text` or both to {type(self).__name__}.")
+        text = self._as_list_of_strings(text)
+        passed = {**kwargs, **kwargs.get("text_kwargs", {})}
+        if text and "add_special_tokens" not in passed and self._starts_with_bos(text):
+            kwargs["add_special_tokens"] = False  # rendered by the chat template, which wrote the BOS already
+        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = merged["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged["return_mm_token_type_ids"])
+        return_replacement_offsets = text_kwargs.pop(
+            "return_text_replacement_offsets", merged["return_text_replacement_offsets"]
+        )
+
+        data: dict[str, Any] = {}
+        flat_images, images_per_sample = self._split_images(images, text)
+        if flat_images:
+            data.update(self.image_processor(flat_images, **merged["images_kwargs"]))
+        if text is not None:
+            placeholders = self._check_placeholders(text, len(flat_images), images_per_sample)
+            replacements = [self.replace_image_token(data, image_idx=i) for i in range(len(flat_images))]
+            expanded, replacement_offsets = self.get_text_with_replacements(list(text), replacements)
+            text_inputs = self.tokenizer(expanded, **text_kwargs)
+            self._check_image_tokens_kept(expanded, text_inputs["input_ids"], placeholders, text_kwargs)
+            data.update(text_inputs)
+            if return_replacement_offsets:
+                data["text_replacement_offsets"] = replacement_offsets
+            if return_mm_token_type_ids:
+                data["mm_token_type_ids"] = self.create_mm_token_type_ids(text_inputs["input_ids"])
+            if self.qformer_tokenizer is not None:
+                data.update(self._qformer_inputs(text, text_kwargs))
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Input checks
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _as_list_of_strings(self, text) -> list[str] | None:
+        if text is None or isinstance(text, str):
+            return None if text is None else [text]
+        if isinstance(text, (list, tuple)) and all(isinstance(sample, str) for sample in text):
+            return list(text)
+        raise ValueError(
+            f"`text` must be a string or a list of strings, got {type(text).__name__}. Pass the prompt as text with "
+            f"one {self.image_token!r} per image; pre-tokenized or pre-expanded ids are not accepted."
+        )
+
+    def _starts_with_bos(self, text: list[str]) -> bool:
+        bos = self.tokenizer.bos_token
+        return bool(bos) and all(sample.startswith(bos) for sample in text)
+
+    def _split_images(self, images, text: list[str] | None) -> tuple[list, list[int] | None]:
+        """Flat list of images, and the number per sample when they came as one list per text."""
+        if images is None:
+            return [], None
+        images = self.image_processor.fetch_images(images)
+        if isinstance(images, (list, tuple)) and len(images) > 0 and all(isinstance(x, (list, tuple)) for x in images):
+            if text is not None and len(images) != len(text):
+                raise ValueError(
+                    f"Got {len(images)} lists of images for {len(text)} texts: pass one list of images per text "
+                    "(an empty list for a text without images), or a flat list matched to the placeholders in order."
+                )
+            return [image for sample in images for image in sample], [len(sample) for sample in images]
+        if isinstance(images, (list, tuple)) and len(images) == 0:
+            return [], None
+        return list(make_flat_list_of_images(images)), None
+
+    def _count_placeholders(self, sample: str) -> int:
+        return len(re.findall(_UNMARKED + re.escape(self.image_token), sample))
+
+    def _longest_placeholder_run(self, sample: str) -> int:
+        """Most placeholders in a row, with nothing but whitespace between them."""
+        token = re.escape(self.image_token)
+        runs = re.finditer(f"(?:{_UNMARKED}{token}\\s*)+", sample)
+        return max((len(re.findall(token, run.group())) for run in runs), default=0)
+
+    def _check_placeholders(self, text: list[str], num_images: int, images_per_sample: list[int] | None) -> list[int]:
+        """Check that each image has one placeholder; return the placeholders per sample."""
+        placeholders = [self._count_placeholders(sample) for sample in text]
+        if images_per_sample is not None:
+            for i, (found, given) in enumerate(zip(placeholders, images_per_sample)):
+                if found != given:
+                    raise ValueError(self._placeholder_error(f"sample {i}", [text[i]], found, given))
+        elif sum(placeholders) != num_images:
+            subject = f"the text (per sample: {placeholders})" if len(text) > 1 else "the text"
+            raise ValueError(self._placeholder_error(subject, text, sum(placeholders), num_images))
+        return placeholders
+
+    def _placeholder_error(self, subject: str, samples: list[str], found: int, given: int) -> str:
+        token = self.image_token
+        run = max(self._longest_placeholder_run(sample) for sample in samples)
+        if self.num_image_tokens > 1 and run >= self.num_image_tokens:
+            return (
+                f"Found {found} {token!r} in {subject}, {run} of them in a row, but {given} image(s) for it: the text "
+                f"looks already expanded. Pass one {token!r} per image; the processor expands each into the "
+                f"{self.num_image_tokens} tokens the bridge outputs."
+            )
+        if given == 0:
+            return (
+                f"Found {found} {token!r} placeholder(s) in {subject} but no images for it: pass `images` (one per "
+                f"placeholder), or remove the {token!r} placeholders from the text."
+            )
+        return (
+            f"Found {found} {token!r} placeholder(s) in {subject} but {given} image(s) for it. Put exactly one "
+            f"{token!r} in the text where each image goes (with chat messages, one {{'type': 'image'}} entry per "
+            "image), or pass as many images as placeholders."
+        )
+
+    def _check_image_tokens_kept(self, expanded: list[str], input_ids, placeholders: list[int], text_kwargs) -> None:
+        """Raise if tokenization (in practice, truncation) did not keep every image token of every sample."""
+        if len(input_ids) != len(expanded):
+            raise ValueError(
+                f"Got {len(input_ids)} tokenized rows for {len(expanded)} texts: {type(self).__name__} does not "
+                "support `return_overflowing_tokens`, which would split images from their text."
+            )
+        for i, (ids, count) in enumerate(zip(input_ids, placeholders)):
+            kept = list(ids).count(self.image_token_id)
+            expected = count * self.num_image_tokens
+            if kept == expected:
+                continue
+            if kept < expected and text_kwargs.get("truncation") not in (None, False, "do_not_truncate"):
+                raise ValueError(self._truncation_error(i, expanded[i], kept, expected, text_kwargs))
+            raise ValueError(
+                f"Sample {i} holds {kept} image tokens (id {self.image_token_id}) after tokenization, but its "
+                f"{count} image(s) need exactly {expected}. Make sure the tokenizer encodes {self.image_token!r} as "
+                "one special token, and do not write image tokens into the text other than one placeholder per image."
+            )
+
+    def _truncation_error(self, index: int, expanded: str, kept: int, expected: int, text_kwargs) -> str:
+        tokenizer = self.tokenizer
+        content = tokenizer(expanded, add_special_tokens=False)["input_ids"]
+        specials = tokenizer.num_special_tokens_to_add() if text_kwargs.get("add_special_tokens", True) else 0
+        positions = [j for j, token_id in enumerate(content) if token_id == self.image_token_id]
+        if tokenizer.truncation_side == "left":
+            needed, cut, shorten = len(content) - positions[0] + specials, "start", "after its first image"
+        else:
+            needed, cut, shorten = positions[-1] + 1 + specials, "end", "before its last image"
+        max_length = text_kwargs.get("max_length") or tokenizer.model_max_length
+        num_images = expected // self.num_image_tokens
+        return (
+            f"Truncating to max_length={max_length} would cut the image tokens of sample {index}: truncation "
+            f"(truncation_side={tokenizer.truncation_side!r}) removes tokens from the {cut} and would keep {kept} of "
+            f"its {expected} image tokens ({num_images} image(s) x {self.num_image_tokens}). Pass "
+            f"max_length>={needed} to keep every image whole, shorten the text {shorten}, or pass truncation=False."
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Q-Former text
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _qformer_text(self, sample: str) -> str:
+        """The text without image placeholders and language-model special tokens (BOS, EOS, ...)."""
+        removed = {self.image_token, *self.tokenizer.all_special_tokens}
+        pattern = "|".join(re.escape(token) for token in sorted(removed, key=len, reverse=True) if token)
+        return re.sub(r"[ \t]+", " ", re.sub(pattern, " ", sample)).strip()
+
+    def _qformer_inputs(self, text: list[str], text_kwargs: dict) -> dict[str, list]:
+        shared = ("padding", "truncation", "max_length", "pad_to_multiple_of")
+        encoding = self.qformer_tokenizer(
+            [self._qformer_text(sample) for sample in text],
+            return_attention_mask=True,
+            return_token_type_ids=False,
+            **{key: text_kwargs[key] for key in shared if key in text_kwargs},
+        )
+        return {"qformer_input_ids": encoding["input_ids"], "qformer_attention_mask": encoding["attention_mask"]}
+
+
+__all__ = ["BridgeProcessor", "default_chat_template"]
