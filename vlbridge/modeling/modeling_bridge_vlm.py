@@ -136,7 +136,8 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
     def __init__(self, config: BridgeVLMConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.bridge = AutoModel.from_config(config.bridge_config)
+        # fp32 even when built under a bf16 / fp16 default dtype (`_from_config(..., dtype=...)`); see rule 4.
+        self.bridge = AutoModel.from_config(config.bridge_config).float()
         self.language_model = AutoModel.from_config(config.text_config)
         embed_dim = self.language_model.get_input_embeddings().embedding_dim
         self.language_projection = nn.Linear(config.bridge_config.hidden_size, embed_dim)

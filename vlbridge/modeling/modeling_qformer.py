@@ -1,0 +1,532 @@
+"""BLIP-2's querying transformer (Q-Former) as a standalone `PreTrainedModel`.
+
+The layer layout and parameter names follow BLIP-2 / BERT (`encoder.layer.N.attention.attention.query`, ...), so a
+transformers `Blip2QFormerModel` or `InstructBlipQFormerModel` checkpoint converts with renames only
+(`vlbridge.conversion.qformer`).
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+
+from ..configuration.configuration_qformer import QFormerConfig
+from .outputs import BridgeModelOutput
+
+
+ATTENTION_MODES = ("bidirectional", "multimodal_causal", "unimodal")
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; the only implementation that returns the attention weights."""
+    # query: (B, heads, L, d); key / value: (B, heads, S, d); attention_mask: additive (B, 1, L, S)
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, heads, L, S)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    # Softmax in fp32 so that masked rows and bf16 autocast stay finite.
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2)  # (B, L, heads, d)
+    return attn_output, attn_weights
+
+
+class QFormerMultiHeadAttention(nn.Module):
+    """Multi-head attention whose keys and values come from the sequence itself or, for cross-attention, from the
+    image features (of width `encoder_hidden_size`)."""
+
+    def __init__(self, config: QFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False  # masks are always explicit: the UniLM mask is not a plain causal one
+        kv_width = config.encoder_hidden_size if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, length, hidden_size = hidden_states.shape
+        kv_states = hidden_states if key_value_states is None else key_value_states
+        kv_length = kv_states.shape[1]
+
+        # view + transpose only: SDPA and matmul accept the strided layout, so no copy is made here.
+        query = self.query(hidden_states).view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.key(kv_states).view(batch_size, kv_length, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.value(kv_states).view(batch_size, kv_length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, length, hidden_size)  # (B, L, H)
+        return attn_output, attn_weights
+
+
+class QFormerSelfOutput(nn.Module):
+    """Output projection of an attention block with BERT's post-LN residual."""
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class QFormerAttention(nn.Module):
+    """Attention plus output projection; `self.attention` / `self.output` keep BLIP-2's key names."""
+
+    def __init__(self, config: QFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.attention = QFormerMultiHeadAttention(config, is_cross_attention=is_cross_attention)
+        self.output = QFormerSelfOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.attention(hidden_states, attention_mask, key_value_states, **kwargs)
+        return self.output(attn_output, hidden_states), attn_weights
+
+
+class QFormerIntermediate(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class QFormerOutput(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class QFormerLayer(GradientCheckpointingLayer):
+    """
+    One Q-Former layer: self-attention over `[queries; text]`, then, for the query positions only, cross-attention
+    to the image features (every `cross_attention_frequency` layers) and the query feed-forward block; the text
+    positions take their own feed-forward block. Text therefore reaches the image only through the queries.
+    """
+
+    def __init__(self, config: QFormerConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attention = QFormerAttention(config)
+        self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
+        if self.has_cross_attention:
+            self.crossattention = QFormerAttention(config, is_cross_attention=True)
+        # BLIP-2's stage 2 drops the text branch, so the text feed-forward block is only built when it can be used.
+        if config.use_text_input:
+            self.intermediate = QFormerIntermediate(config)
+            self.output = QFormerOutput(config)
+        self.intermediate_query = QFormerIntermediate(config)
+        self.output_query = QFormerOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        query_length: int = 0,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        # hidden_states: (B, Q + T, H); image_embeds: (B, P, encoder_hidden_size). The tensors that may need a
+        # gradient are positional so that reentrant gradient checkpointing sees them.
+        attention_output, self_weights = self.attention(hidden_states, attention_mask, **kwargs)
+        cross_weights = None
+        if query_length == 0:  # text-only pass
+            return self._text_feed_forward(attention_output), self_weights, cross_weights
+
+        has_text = attention_output.shape[1] > query_length
+        query_output = attention_output[:, :query_length] if has_text else attention_output  # (B, Q, H)
+        if self.has_cross_attention:
+            query_output, cross_weights = self.crossattention(
+                query_output, image_attention_mask, key_value_states=image_embeds, **kwargs
+            )
+        layer_output = self.output_query(self.intermediate_query(query_output), query_output)
+        if has_text:
+            text_output = self._text_feed_forward(attention_output[:, query_length:])  # (B, T, H)
+            layer_output = torch.cat([layer_output, text_output], dim=1)
+        return layer_output, self_weights, cross_weights
+
+    def _text_feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.output(self.intermediate(hidden_states), hidden_states)
+
+
+class QFormerEmbeddings(nn.Module):
+    """
+    Word and absolute position embeddings of the text (when the text branch exists), placed after the queries; then
+    LayerNorm and dropout over the whole `[queries; text]` sequence, as in LAVIS. Queries take no position
+    embedding, and text positions start at 0.
+    """
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        if config.use_text_input:
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, query_embeds: torch.Tensor | None = None, input_ids: torch.LongTensor | None = None
+    ) -> torch.Tensor:
+        parts = [] if query_embeds is None else [query_embeds]  # (B, Q, H)
+        if input_ids is not None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(position_ids))  # (B, T, H)
+        embeddings = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, Q + T, H)
+        return self.dropout(self.layernorm(embeddings))
+
+
+class QFormerEncoder(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([QFormerLayer(config, i) for i in range(config.num_hidden_layers)])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor | None,
+        image_attention_mask: torch.Tensor | None,
+        query_length: int,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None]:
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_cross_attentions = () if output_attentions else None
+        for layer in self.layer:
+            hidden_states, self_weights, cross_weights = layer(
+                hidden_states,
+                attention_mask,
+                image_embeds,
+                image_attention_mask=image_attention_mask,
+                query_length=query_length,
+                **kwargs,
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (self_weights,)
+                if layer.has_cross_attention and query_length > 0:
+                    all_cross_attentions += (cross_weights,)
+        return hidden_states, all_hidden_states, all_attentions, all_cross_attentions
+
+
+class QFormerPreTrainedModel(PreTrainedModel):
+    config: QFormerConfig
+    config_class = QFormerConfig
+    base_model_prefix = "qformer"
+    main_input_name = "image_embeds"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    # The bridge is kept in fp32 (see `QFormerModel.forward`), which rules out Flash Attention's fp16/bf16 kernels.
+    _supports_flash_attn = False
+    _no_split_modules = ["QFormerLayer", "QFormerEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        # Linear / Embedding / LayerNorm get the generic BERT-style init (normal(std=initializer_range), zero bias).
+        super()._init_weights(module)
+        if isinstance(module, QFormerModel):
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
+
+
+class QFormerModel(QFormerPreTrainedModel):
+    r"""
+    BLIP-2's querying transformer: `num_query_tokens` learned queries, and optionally a text (an InstructBLIP
+    instruction, or a stage-1 caption), share the self-attention of BERT-style post-LN layers; only the queries
+    cross-attend to the image features, every `cross_attention_frequency` layers. Queries and text have separate
+    feed-forward blocks. The query outputs are the bridge's image tokens.
+
+    `attention_mode` selects the self-attention mask over `[queries; text]` (padding is always masked):
+
+    - `"bidirectional"`: every position sees every position (ITM, InstructBLIP, the VLM's bridge);
+    - `"multimodal_causal"`: UniLM mask for image-grounded text generation (ITG): queries see only queries, text
+      sees all queries and the text up to itself;
+    - `"unimodal"`: queries and text never see each other (ITC's two uni-modal passes in one).
+
+    Args:
+        config ([`QFormerConfig`]):
+            Model configuration. `use_text_input=False` builds no text branch (BLIP-2's stage-2 layout).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from vlbridge import QFormerConfig
+    >>> from vlbridge.modeling.modeling_qformer import QFormerModel
+
+    >>> config = QFormerConfig(
+    ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    ...     num_query_tokens=4, encoder_hidden_size=16, vocab_size=100,
+    ... )
+    >>> model = QFormerModel(config).eval()
+    >>> image_embeds = torch.randn(2, 10, 16)  # (batch, image features, encoder_hidden_size)
+    >>> model(image_embeds=image_embeds).image_tokens.shape
+    torch.Size([2, 4, 32])
+
+    >>> input_ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    >>> attention_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    >>> out = model(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask)
+    >>> out.image_tokens.shape, out.last_hidden_state.shape
+    (torch.Size([2, 4, 32]), torch.Size([2, 7, 32]))
+    ```"""
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__(config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.hidden_size))  # (1, Q, H)
+        self.embeddings = QFormerEmbeddings(config)
+        self.encoder = QFormerEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding | None:
+        # A Q-Former without text branch has no word embeddings; `None` tells `resize_token_embeddings` so.
+        return getattr(self.embeddings, "word_embeddings", None)
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        if not self.config.use_text_input:
+            raise ValueError("This Q-Former has no text branch (`use_text_input=False`), so no word embeddings.")
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        query_embeds: torch.Tensor | None = None,
+        use_queries: bool = True,
+        attention_mode: str = "bidirectional",
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BridgeModelOutput | tuple:
+        r"""
+        Args:
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, num_features, encoder_hidden_size)`, *optional*):
+                Image features the queries cross-attend to; required when `use_queries=True`. Cast to the
+                Q-Former's dtype on entry (the bridge stays fp32 inside a bf16 VLM).
+            image_attention_mask (`torch.Tensor` of shape `(batch_size, num_features)`, *optional*):
+                1 for valid image features, 0 for padding (e.g. unused any-res tiles).
+            input_ids (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
+                Text placed after the queries (InstructBLIP instruction, stage-1 caption). Needs
+                `config.use_text_input=True`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, text_length)`, *optional*):
+                Padding mask of `input_ids` only (the queries are always valid).
+            query_embeds (`torch.FloatTensor` of shape `(batch_size, num_queries, hidden_size)`, *optional*):
+                Replaces the learned `query_tokens`.
+            use_queries (`bool`, *optional*, defaults to `True`):
+                `False` runs the text alone (stage-1 ITC text encoder); no image is read.
+            attention_mode (`str`, *optional*, defaults to `"bidirectional"`):
+                One of `"bidirectional"`, `"multimodal_causal"`, `"unimodal"` (see the class docstring).
+            output_attentions (`bool`, *optional*):
+                Return the self- and cross-attention weights. Needs `attn_implementation="eager"`.
+            output_hidden_states (`bool`, *optional*):
+                Return the hidden states after the embeddings and after each layer.
+            return_dict (`bool`, *optional*):
+                Return a [`BridgeModelOutput`] instead of a tuple.
+
+        Returns:
+            [`BridgeModelOutput`]: `image_tokens` are the query outputs `(batch_size, num_queries, hidden_size)`
+            (`None` without queries), `last_hidden_state` the whole `[queries; text]` sequence.
+        """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        self._check_inputs(image_embeds, image_attention_mask, input_ids, attention_mask, query_embeds, use_queries)
+        if attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"Unknown attention_mode {attention_mode!r}; expected one of {ATTENTION_MODES}.")
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions=True needs eager attention, not {self.config._attn_implementation!r}: load with "
+                "`attn_implementation='eager'` or call `model.set_attn_implementation('eager')`."
+            )
+
+        dtype = self.embeddings.layernorm.weight.dtype
+        query_length = 0
+        if use_queries:
+            batch_size = image_embeds.shape[0]
+            if query_embeds is None:
+                query_embeds = self.query_tokens.expand(batch_size, -1, -1)  # (B, Q, H)
+            query_embeds = query_embeds.to(dtype)
+            query_length = query_embeds.shape[1]
+            image_embeds = image_embeds.to(self._image_embeds_dtype(image_embeds.device.type, dtype))
+
+        embedding_output = self.embeddings(query_embeds, input_ids)  # (B, Q + T, H)
+        self_mask = self._self_attention_mask(embedding_output, attention_mask, query_length, attention_mode)
+        image_mask = None
+        if image_attention_mask is not None:
+            image_mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=embedding_output[:, :query_length],
+                attention_mask=image_attention_mask,
+                encoder_hidden_states=image_embeds,
+            )  # (B, 1, Q, P)
+
+        last_hidden_state, hidden_states, attentions, cross_attentions = self.encoder(
+            embedding_output,
+            self_mask,
+            image_embeds,
+            image_mask,
+            query_length,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        output = BridgeModelOutput(
+            image_tokens=last_hidden_state[:, :query_length] if query_length > 0 else None,
+            last_hidden_state=last_hidden_state,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            cross_attentions=cross_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _image_embeds_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+        # The bridge keeps its own dtype (fp32) whatever the vision tower runs in. Under autocast, though, every
+        # cross-attention key / value projection would cast the features to the autocast dtype again (and keep a
+        # copy for backward); casting them once up front gives the same numbers with one copy.
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return dtype
+
+    def _self_attention_mask(
+        self,
+        embeddings: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        query_length: int,
+        attention_mode: str,
+    ) -> torch.Tensor | None:
+        """Mask of the self-attention over `[queries; text]` in the format of the attention implementation (boolean
+        for SDPA, additive for eager), or `None` when nothing is masked."""
+        batch_size, length = embeddings.shape[:2]
+        if attention_mask is not None and query_length > 0:
+            # The caller's mask covers the text only; queries are never padding.
+            query_mask = attention_mask.new_ones(batch_size, query_length)
+            attention_mask = torch.cat([query_mask, attention_mask], dim=1)  # (B, Q + T)
+
+        structure = None
+        # Without text both structured masks reduce to the plain padding mask over the queries.
+        if attention_mode == "multimodal_causal" and query_length < length:
+
+            def structure(batch_idx, head_idx, q_idx, kv_idx):
+                # UniLM: queries read queries only; text reads all queries and the text up to itself.
+                return (kv_idx < query_length) | ((q_idx >= query_length) & (kv_idx <= q_idx))
+
+        elif attention_mode == "unimodal" and 0 < query_length < length:
+
+            def structure(batch_idx, head_idx, q_idx, kv_idx):
+                # Two independent blocks, each bidirectional: queries with queries, text with text.
+                return (q_idx < query_length) == (kv_idx < query_length)
+
+        return create_bidirectional_mask(
+            config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask, and_mask_function=structure
+        )  # (B, 1, Q + T, Q + T) or None
+
+    def _check_inputs(
+        self,
+        image_embeds: torch.Tensor | None,
+        image_attention_mask: torch.Tensor | None,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        query_embeds: torch.Tensor | None,
+        use_queries: bool,
+    ):
+        """Raise a `ValueError` naming the fix for inputs the Q-Former cannot use, so nothing is silently dropped."""
+        if input_ids is not None and not self.config.use_text_input:
+            raise ValueError(
+                "input_ids were given but this Q-Former has no text branch (config.use_text_input=False). Build it "
+                "with `use_text_input=True`, or drop the text."
+            )
+        if attention_mask is not None and input_ids is None:
+            raise ValueError("attention_mask is the padding mask of input_ids; it was given without input_ids.")
+        if input_ids is not None and input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Text of length {input_ids.shape[1]} exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings}); truncate it."
+            )
+        if not use_queries:
+            if input_ids is None:
+                raise ValueError("use_queries=False leaves neither queries nor text: pass input_ids.")
+            if image_embeds is not None or image_attention_mask is not None or query_embeds is not None:
+                raise ValueError(
+                    "use_queries=False is a text-only pass, but image_embeds / image_attention_mask / query_embeds "
+                    "were given: only the queries read the image, so drop them or set use_queries=True."
+                )
+            return
+        if image_embeds is None:
+            raise ValueError(
+                "image_embeds are required: the queries cross-attend to them. For a text-only pass set "
+                "use_queries=False."
+            )
+        if image_embeds.dim() != 3 or image_embeds.shape[-1] != self.config.encoder_hidden_size:
+            raise ValueError(
+                f"image_embeds must be (batch_size, num_features, {self.config.encoder_hidden_size}) "
+                f"(config.encoder_hidden_size), got {tuple(image_embeds.shape)}."
+            )
+        batch_size = image_embeds.shape[0]
+        for name, tensor in (("input_ids", input_ids), ("query_embeds", query_embeds)):
+            if tensor is not None and tensor.shape[0] != batch_size:
+                raise ValueError(f"{name} has batch size {tensor.shape[0]}, image_embeds {batch_size}.")
+        if query_embeds is not None and query_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"query_embeds must have width hidden_size={self.config.hidden_size}.")
+
+
+__all__ = ["QFormerModel", "QFormerPreTrainedModel"]
