@@ -13,6 +13,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from ..configuration.configuration_mlp import MLPProjectorConfig
+from .bridge_utils import check_image_features
 from .outputs import BridgeModelOutput
 
 
@@ -73,21 +74,11 @@ class MLPProjectorModel(MLPProjectorPreTrainedModel):
         self.post_init()
 
     def _check_inputs(self, image_embeds: torch.Tensor, image_attention_mask: torch.Tensor | None):
-        if image_embeds.dim() != 3 or image_embeds.shape[-1] != self.config.encoder_hidden_size:
-            raise ValueError(
-                f"`image_embeds` must have shape (batch_size, num_features, {self.config.encoder_hidden_size}) "
-                f"(the config's `encoder_hidden_size`), got {tuple(image_embeds.shape)}. Set `encoder_hidden_size` "
-                "to the vision tower's hidden size."
-            )
+        check_image_features(image_embeds, image_attention_mask, self.config.encoder_hidden_size)
         if self.config.drop_cls_token and image_embeds.shape[1] < 2:
             raise ValueError(
                 f"`drop_cls_token=True` drops the first image feature, but only {image_embeds.shape[1]} feature(s) "
                 "were given. Set `drop_cls_token=False` for vision towers without a CLS token (e.g. SigLIP)."
-            )
-        if image_attention_mask is not None and tuple(image_attention_mask.shape) != tuple(image_embeds.shape[:2]):
-            raise ValueError(
-                f"`image_attention_mask` must have shape (batch_size, num_features) = {tuple(image_embeds.shape[:2])} "
-                f"to match `image_embeds`, got {tuple(image_attention_mask.shape)}."
             )
 
     def forward(

@@ -35,32 +35,11 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 
 from ..configuration.configuration_perceiver import PerceiverResamplerConfig
+from .bridge_utils import check_image_features, eager_attention_forward
 from .outputs import BridgeModelOutput
 
 
 logger = logging.get_logger(__name__)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention; `attention_mask` is additive, `(B, 1, N, P + N)`."""
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, heads, N, P + N)
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    # Softmax in fp32: a bf16 bridge (loaded without the fp32 guard) must not lose the small probabilities.
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value)  # (B, heads, N, head_dim)
-    attn_output = attn_output.transpose(1, 2).contiguous()  # (B, N, heads, head_dim)
-    return attn_output, attn_weights
 
 
 class PerceiverResamplerAttention(nn.Module):
@@ -226,19 +205,6 @@ class PerceiverResamplerModel(PerceiverResamplerPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _check_inputs(self, image_embeds: torch.Tensor, image_attention_mask: torch.Tensor | None):
-        if image_embeds.dim() != 3 or image_embeds.shape[-1] != self.config.encoder_hidden_size:
-            raise ValueError(
-                f"`image_embeds` must have shape (batch_size, num_features, {self.config.encoder_hidden_size}) "
-                f"(the config's `encoder_hidden_size`), got {tuple(image_embeds.shape)}. Set `encoder_hidden_size` "
-                "to the vision tower's hidden size."
-            )
-        if image_attention_mask is not None and tuple(image_attention_mask.shape) != tuple(image_embeds.shape[:2]):
-            raise ValueError(
-                f"`image_attention_mask` must have shape (batch_size, num_features) = {tuple(image_embeds.shape[:2])} "
-                f"to match `image_embeds`, got {tuple(image_attention_mask.shape)}."
-            )
-
     def forward(
         self,
         image_embeds: torch.Tensor,
@@ -279,7 +245,7 @@ class PerceiverResamplerModel(PerceiverResamplerPreTrainedModel):
                 f"`output_attentions=True` needs `attn_implementation='eager'`; with "
                 f"'{self.config._attn_implementation}' the attention weights come back as `None`."
             )
-        self._check_inputs(image_embeds, image_attention_mask)
+        check_image_features(image_embeds, image_attention_mask, self.config.encoder_hidden_size)
 
         # The bridge stays in its own (fp32) dtype even when the vision tower runs in bf16 / fp16.
         image_embeds = image_embeds.to(self.latents.dtype)  # (B, P, Dv)

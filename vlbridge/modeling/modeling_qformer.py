@@ -16,32 +16,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from ..configuration.configuration_qformer import QFormerConfig
+from .bridge_utils import eager_attention_forward
 from .outputs import BridgeModelOutput
 
 
 ATTENTION_MODES = ("bidirectional", "multimodal_causal", "unimodal")
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention; the only implementation that returns the attention weights."""
-    # query: (B, heads, L, d); key / value: (B, heads, S, d); attention_mask: additive (B, 1, L, S)
-    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, heads, L, S)
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    # Softmax in fp32 so that masked rows and bf16 autocast stay finite.
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2)  # (B, L, heads, d)
-    return attn_output, attn_weights
 
 
 class QFormerMultiHeadAttention(nn.Module):
