@@ -8,7 +8,13 @@ __version__ = "0.1.0"
 
 from transformers import AutoProcessor
 
-from .configuration import BridgeVLMConfig, MLPProjectorConfig, PerceiverResamplerConfig, QFormerConfig
+from .configuration import (
+    BridgeVLMConfig,
+    MLPProjectorConfig,
+    PerceiverResamplerConfig,
+    QFormerConfig,
+    QFormerPretrainingConfig,
+)
 from .modeling import (
     BridgeModelOutput,
     BridgeVLMForConditionalGeneration,
@@ -16,7 +22,10 @@ from .modeling import (
     BridgeVLMPreTrainedModel,
     MLPProjectorModel,
     PerceiverResamplerModel,
+    QFormerForImageTextPretraining,
     QFormerModel,
+    QFormerPretrainingOutput,
+    load_qformer_into_vlm,
 )
 from .processing import BridgeProcessor
 
@@ -35,5 +44,9 @@ __all__ = [
     "PerceiverResamplerConfig",
     "PerceiverResamplerModel",
     "QFormerConfig",
+    "QFormerForImageTextPretraining",
     "QFormerModel",
+    "QFormerPretrainingConfig",
+    "QFormerPretrainingOutput",
+    "load_qformer_into_vlm",
 ]

@@ -16,4 +16,15 @@ from .configuration_bridge_vlm import BridgeVLMConfig  # noqa: E402
 
 AutoConfig.register(BridgeVLMConfig.model_type, BridgeVLMConfig, exist_ok=True)
 
-__all__ = ["BridgeVLMConfig", "MLPProjectorConfig", "PerceiverResamplerConfig", "QFormerConfig"]
+from .configuration_qformer_pretraining import QFormerPretrainingConfig  # noqa: E402
+
+
+AutoConfig.register(QFormerPretrainingConfig.model_type, QFormerPretrainingConfig, exist_ok=True)
+
+__all__ = [
+    "BridgeVLMConfig",
+    "MLPProjectorConfig",
+    "PerceiverResamplerConfig",
+    "QFormerConfig",
+    "QFormerPretrainingConfig",
+]

@@ -1,10 +1,16 @@
 """Bridges and the composite VLM. Importing this registers them with `AutoModel` / `AutoModelForImageTextToText`."""
 
-from transformers import AutoModel, AutoModelForImageTextToText
+from transformers import AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining
 from transformers.models.blip_2 import Blip2VisionConfig, Blip2VisionModel
 from transformers.models.instructblip import InstructBlipVisionConfig, InstructBlipVisionModel
 
-from ..configuration import BridgeVLMConfig, MLPProjectorConfig, PerceiverResamplerConfig, QFormerConfig
+from ..configuration import (
+    BridgeVLMConfig,
+    MLPProjectorConfig,
+    PerceiverResamplerConfig,
+    QFormerConfig,
+    QFormerPretrainingConfig,
+)
 from .modeling_bridge_vlm import (
     BridgeVLMForConditionalGeneration,
     BridgeVLMModel,
@@ -15,6 +21,11 @@ from .modeling_bridge_vlm import (
 from .modeling_mlp import MLPProjectorModel
 from .modeling_perceiver import PerceiverResamplerModel
 from .modeling_qformer import QFormerModel
+from .modeling_qformer_pretraining import (
+    QFormerForImageTextPretraining,
+    QFormerPretrainingOutput,
+    load_qformer_into_vlm,
+)
 from .outputs import BridgeModelOutput
 
 
@@ -29,6 +40,8 @@ for _config, _model in (
 ):
     AutoModel.register(_config, _model, exist_ok=True)
 AutoModelForImageTextToText.register(BridgeVLMConfig, BridgeVLMForConditionalGeneration, exist_ok=True)
+AutoModel.register(QFormerPretrainingConfig, QFormerForImageTextPretraining, exist_ok=True)
+AutoModelForPreTraining.register(QFormerPretrainingConfig, QFormerForImageTextPretraining, exist_ok=True)
 
 __all__ = [
     "BridgeModelOutput",
@@ -39,5 +52,8 @@ __all__ = [
     "BridgeVLMPreTrainedModel",
     "MLPProjectorModel",
     "PerceiverResamplerModel",
+    "QFormerForImageTextPretraining",
     "QFormerModel",
+    "QFormerPretrainingOutput",
+    "load_qformer_into_vlm",
 ]
