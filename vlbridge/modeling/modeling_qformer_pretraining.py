@@ -31,6 +31,7 @@ from ..configuration.configuration_qformer import QFormerConfig
 from ..configuration.configuration_qformer_pretraining import QFormerPretrainingConfig
 from . import stage1_losses as losses
 from .modeling_qformer import QFormerModel
+from .stage1_accumulation import AccumulationWindow, windowed_forward
 
 
 logger = logging.get_logger(__name__)
@@ -366,6 +367,8 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         image_ids: torch.LongTensor | None = None,
         return_loss: bool = True,
+        sampling_seed: int | None = None,
+        accumulation_window: AccumulationWindow | None = None,
         **kwargs,
     ) -> QFormerPretrainingOutput:
         r"""
@@ -383,11 +386,21 @@ class QFormerForImageTextPretraining(PreTrainedModel):
             return_loss (`bool`, *optional*, defaults to `True`):
                 `False` returns only the local ITC logits and embeddings (no gathering, no ITM / ITG, no momentum
                 update).
+            sampling_seed (`int`, *optional*):
+                Seeds the ITM hard-negative sampling (default: the global RNG). [`Stage1Trainer`] draws one per step.
+            accumulation_window ([`AccumulationWindow`], *optional*):
+                Set by [`Stage1Trainer`] under gradient accumulation: the other micro-batches of this optimizer step,
+                so that the accumulated loss and gradients equal those of the larger batch (see
+                `vlbridge.modeling.stage1_accumulation`).
         """
         self._clamp_temperature()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.long()
+        if accumulation_window is not None and return_loss:
+            return windowed_forward(
+                self, accumulation_window, pixel_values, input_ids, attention_mask, QFormerPretrainingOutput
+            )
         image_embeds = self.get_vision_features(pixel_values)  # (B, P, Dv)
         image_feats, text_feat = self._unimodal_features(image_embeds, input_ids, attention_mask)
         if not return_loss:
@@ -420,7 +433,7 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         if self.config.itm_weight:
             output.loss_itm, output.itm_logits, output.itm_labels = self._itm(
                 image_embeds, input_ids, attention_mask, sim_i2t[:, :global_batch], sim_t2i[:, :global_batch],
-                positives[:, :global_batch],
+                positives[:, :global_batch], sampling_seed,
             )  # fmt: skip
             output.itm_accuracy = (output.itm_logits.detach().argmax(-1) == output.itm_labels).float().mean()
             weighted.append(self.config.itm_weight * output.loss_itm)
@@ -447,7 +460,7 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         loss = losses.contrastive_loss(sim_i2t, sim_t2i, positives, self.config.label_smoothing)
         return loss, sim_i2t, sim_t2i, positives
 
-    def _itm(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives):
+    def _itm(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, seed=None):
         """ITM with one hard negative text per image and one hard negative image per text (LAVIS)."""
         rank, _ = losses.world_info()
         batch_size = input_ids.shape[0]
@@ -455,8 +468,9 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         image_embeds_all = losses.all_gather_with_grad(image_embeds)  # (N, P, Dv)
         input_ids_all = losses.gather_padded(input_ids, pad_id)  # (N, T_max)
         attention_mask_all = losses.gather_padded(attention_mask, 0)
-        negative_images = losses.sample_hard_negatives(sim_t2i, positives)  # (B,) an image per text
-        negative_texts = losses.sample_hard_negatives(sim_i2t, positives)  # (B,) a text per image
+        generator = None if seed is None else torch.Generator(device=sim_i2t.device).manual_seed(seed)
+        negative_images = losses.sample_hard_negatives(sim_t2i, positives, generator)  # (B,) an image per text
+        negative_texts = losses.sample_hard_negatives(sim_i2t, positives, generator)  # (B,) a text per image
         local = slice(rank * batch_size, (rank + 1) * batch_size)  # local texts, padded like the gathered ones
         text_ids = torch.cat([input_ids_all[local], input_ids_all[local], input_ids_all[negative_texts]])  # (3B, T)
         text_mask = torch.cat(

@@ -1,6 +1,9 @@
-"""Training utilities: staged freezing now; trainers, collators and PEFT / TRL helpers build on it."""
+"""Training: staged freezing, collators, and the stage-1 trainer."""
 
+from .collators import ImageTextCollator
 from .freezing import FREEZE_STAGES, FreezingMixin
+from .stage1_config import Stage1Config
+from .stage1_trainer import Stage1Trainer
 
 
-__all__ = ["FREEZE_STAGES", "FreezingMixin"]
+__all__ = ["FREEZE_STAGES", "FreezingMixin", "ImageTextCollator", "Stage1Config", "Stage1Trainer"]
