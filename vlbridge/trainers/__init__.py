@@ -3,7 +3,8 @@
 from .collators import ImageTextCollator
 from .freezing import FREEZE_STAGES, FreezingMixin
 from .stage1_config import Stage1Config
+from .stage1_eval import evaluate_stage1
 from .stage1_trainer import Stage1Trainer
 
 
-__all__ = ["FREEZE_STAGES", "FreezingMixin", "ImageTextCollator", "Stage1Config", "Stage1Trainer"]
+__all__ = ["FREEZE_STAGES", "FreezingMixin", "ImageTextCollator", "Stage1Config", "Stage1Trainer", "evaluate_stage1"]

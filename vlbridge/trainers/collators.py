@@ -52,22 +52,21 @@ class ImageTextCollator:
     text_column: str = "caption"
     id_column: str = "image_id"
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        images = [_as_rgb(row[self.image_column]) for row in rows]
-        ids = [self.tokenizer(row[self.text_column]).input_ids[: self.max_length - 1] for row in rows]
-        ids = [seq + [self.tokenizer.eos_token_id] for seq in ids]
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Captions as the model trains on them: BOS ... EOS, right-padded; `input_ids` and `attention_mask`."""
+        ids = [self.tokenizer(text).input_ids[: self.max_length - 1] + [self.tokenizer.eos_token_id] for text in texts]
         length = max(len(seq) for seq in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([seq + [pad] * (length - len(seq)) for seq in ids])  # (B, T)
         attention_mask = torch.tensor([[1] * len(seq) + [0] * (length - len(seq)) for seq in ids])
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = [_as_rgb(row[self.image_column]) for row in rows]
+        text = self.tokenize([row[self.text_column] for row in rows])
         image_ids = torch.tensor([row.get(self.id_column, i) for i, row in enumerate(rows)])
         pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {
-            "pixel_values": pixel_values,
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "image_ids": image_ids,
-        }
+        return {"pixel_values": pixel_values, **text, "image_ids": image_ids}
 
 
 def _as_rgb(image) -> Image.Image:

@@ -14,7 +14,7 @@ class Stage1Config(TrainingArguments):
 
     > Defaults that differ from `TrainingArguments`: `learning_rate=1e-4`, `weight_decay=0.05`,
     > `adam_beta2=0.98` (BLIP-2 §3.4), `lr_scheduler_type="cosine"`, `warmup_ratio=0.05`, `logging_steps=10`,
-    > `remove_unused_columns=False` (the collator needs the image and caption columns), `report_to="none"`.
+    > `remove_unused_columns=False` (the collator needs the image and caption columns).
 
     Args:
         max_text_length (`int`, *optional*, defaults to 32):
@@ -32,6 +32,5 @@ class Stage1Config(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep the image / caption columns for the collator."}
     )
-    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
     max_text_length: int = field(default=32, metadata={"help": "Longest caption in tokens, BOS and EOS included."})
     eval_retrieval: bool = field(default=False, metadata={"help": "Report retrieval recall@K when evaluating."})
