@@ -53,10 +53,13 @@ def evaluate_stage1(
         row["captions"][style.index(retrieval_style)] if retrieval_style in style else row["captions"][0]
         for row, style in zip(rows, styles)
     ]
+    images = [row["image"].convert("RGB") for row in rows]
     pixel_values = torch.cat(
-        [collator([{"image": r["image"], "caption": "", "image_id": 0} for r in rows[i : i + batch_size]])["pixel_values"]
-         for i in range(0, len(rows), batch_size)]
-    )  # fmt: skip
+        [
+            collator.image_processor(images[i : i + batch_size], return_tensors="pt")["pixel_values"]
+            for i in range(0, len(images), batch_size)
+        ]
+    )  # (N, C, H, W)
     device = next(model.parameters()).device
     pixel_values = pixel_values.to(device)
 
