@@ -60,6 +60,10 @@ class ModelArguments:
     num_attention_heads: int = field(default=4, metadata={"help": "Heads of the ViT and the Q-Former."})
     embed_dim: int = field(default=64, metadata={"help": "ITC embedding width."})
     dropout: float = field(default=0.0, metadata={"help": "Q-Former dropout."})
+    initializer_range: float = field(
+        default=0.3,
+        metadata={"help": "Q-Former init std. From scratch, BERT's 0.02 leaves ITC on its ln(N) plateau for long."},
+    )
 
 
 def parse_args(argv: list[str]):
@@ -103,7 +107,7 @@ def build_model(args: ModelArguments, data: DataArguments, tokenizer) -> QFormer
             "model_type": "vlbridge_qformer", "hidden_size": args.qformer_hidden_size,
             "num_hidden_layers": args.qformer_layers, "num_attention_heads": args.num_attention_heads,
             "intermediate_size": 4 * args.qformer_hidden_size, "num_query_tokens": args.num_query_tokens,
-            "vocab_size": len(tokenizer), "max_position_embeddings": 64,
+            "vocab_size": len(tokenizer), "max_position_embeddings": 64, "initializer_range": args.initializer_range,
             "hidden_dropout_prob": args.dropout, "attention_probs_dropout_prob": args.dropout,
         },
         embed_dim=args.embed_dim,
