@@ -108,7 +108,6 @@ def test_collator_appends_eos_and_masks_padding(data):
     assert batch["image_ids"].tolist() == [splits["train"][i]["image_id"] for i in range(3)]
 
 
-
 def test_short_run_learns_retrieval_and_captions():
     """From scratch, 100 steps on 32 single-object images: ITC falls and train retrieval is far above chance (1/32).
 
