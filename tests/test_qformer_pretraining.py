@@ -33,13 +33,7 @@ VISION_WIDTH = 48  # != the Q-Former's hidden size (32)
 BATCH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The models are tiny: on 2 shared cores intra-op threads only add contention (10x slower when the box is busy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_config(**overrides) -> QFormerPretrainingConfig:

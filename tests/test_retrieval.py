@@ -10,13 +10,7 @@ from vlbridge.metrics.retrieval_recall import recall_at_k
 from vlbridge.modeling.retrieval import NOT_RERANKED, ImageTextRetriever, retrieval_metrics, retrieve
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny models on 2 shared cores: intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class KnownScoresModel:

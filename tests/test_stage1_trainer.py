@@ -10,12 +10,7 @@ from vlbridge.data import build_word_tokenizer, caption_vocabulary, group_captio
 from vlbridge.trainers import ImageTextCollator, Stage1Config, Stage1Trainer, evaluate_stage1
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,23 +30,17 @@ from transformers.utils import logging
 
 from ..configuration.configuration_qformer import QFormerConfig
 from ..configuration.configuration_qformer_pretraining import QFormerPretrainingConfig
+from .qformer import _SHARED_CONFIG_FIELDS
 
 
 logger = logging.get_logger(__name__)
 
-# BertConfig fields that QFormerConfig has under the same name and meaning.
-_SHARED_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "max_position_embeddings",
-    "initializer_range",
-    "layer_norm_eps",
-    "pad_token_id",
+# BertConfig fields that QFormerConfig has under the same name and meaning: BLIP-2's shared fields less the
+# vocabulary (a [DEC] row may be added) and the cross-attention ones, which BERT does not have.
+_SHARED_FIELDS = tuple(
+    name
+    for name in _SHARED_CONFIG_FIELDS
+    if name not in ("vocab_size", "cross_attention_frequency", "encoder_hidden_size")
 )
 _LAYER_RENAMES = (
     (re.compile(r"^encoder\.layer\.(\d+)\.attention\.self\."), r"encoder.layer.\1.attention.attention."),
