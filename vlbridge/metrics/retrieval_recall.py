@@ -169,7 +169,9 @@ def recall_at_k_from_rankings(
     return {f"r{k}": float((first_hits < k).mean()) for k in ks}
 
 
-def image_text_recall(scores_i2t, text_to_image: Sequence[int], ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
+def image_text_recall(
+    scores_i2t, text_to_image: Sequence[int], ks: Iterable[int] = (1, 5, 10), scores_t2i=None
+) -> dict[str, float]:
     """
     Image-to-text and text-to-image Recall@K from one image-text score matrix, as reported for BLIP-2 / COCO.
 
@@ -182,6 +184,8 @@ def image_text_recall(scores_i2t, text_to_image: Sequence[int], ks: Iterable[int
             For each text (column), the index of its image (row). Every image needs at least one text.
         ks (`Iterable[int]`, *optional*, defaults to `(1, 5, 10)`):
             The cut-offs to report.
+        scores_t2i (`np.ndarray` or `torch.Tensor` of shape `(num_texts, num_images)`, *optional*):
+            A separate text-to-image matrix (e.g. re-ranked by ITM on its own); defaults to `scores_i2t`'s transpose.
 
     Returns:
         `dict[str, float]`: `i2t_r{k}` and `t2i_r{k}` for each `k`, plus `r_mean`, their mean (fractions in [0, 1]).
@@ -208,9 +212,13 @@ def image_text_recall(scores_i2t, text_to_image: Sequence[int], ks: Iterable[int
         image_to_texts[image].append(text)
     orphans = [image for image, texts in enumerate(image_to_texts) if not texts]
     if orphans:
-        raise ValueError(f"Images {orphans[:5]} have no text in `text_to_image`; drop their rows from `scores_i2t`.")
+        raise ValueError(
+            f"Images {orphans[:5]} have no text in `text_to_image` (no relevant candidate); drop their rows from "
+            "`scores_i2t`."
+        )
     i2t = recall_at_k(scores_i2t, image_to_texts, ks)
-    t2i = recall_at_k(scores_i2t.T, [[image] for image in text_to_image], ks)
+    scores_t2i = scores_i2t.T if scores_t2i is None else _as_score_matrix(scores_t2i)
+    t2i = recall_at_k(scores_t2i, [[image] for image in text_to_image], ks)
     result = {f"i2t_{key}": value for key, value in i2t.items()}
     result.update({f"t2i_{key}": value for key, value in t2i.items()})
     result["r_mean"] = float(np.mean(list(result.values())))

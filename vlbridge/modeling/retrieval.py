@@ -4,7 +4,7 @@
    its best query (no temperature).
 2. ITM re-ranking: for each image, its `k_test` best texts by ITC are scored again with the ITM head; the score is
    the ITM "match" logit plus the ITC cosine, every other text gets -100. The same for each text against images.
-3. Recall@1/5/10 in both directions ([`vlbridge.metrics.retrieval_recall.recall_at_k`]).
+3. Recall@1/5/10 in both directions ([`vlbridge.metrics.retrieval_recall.image_text_recall`]).
 
 Runs in one process (LAVIS splits the rows across ranks); vision features for the re-ranking are kept on the CPU, as
 LAVIS does, so only `batch_size` of them sit on the accelerator at a time.
@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..metrics.retrieval_recall import recall_at_k
+from ..metrics.retrieval_recall import image_text_recall
 from .stage1_losses import query_text_similarity
 
 
@@ -270,15 +270,7 @@ def retrieval_metrics(
     {'i2t_r1': 1.0, 't2i_r1': 1.0, 'r_mean': 1.0}
     ```
     """
-    num_images = scores_i2t.shape[0]
-    text_to_image = [int(i) for i in text_to_image]
-    image_to_texts = [[] for _ in range(num_images)]
-    for text, image in enumerate(text_to_image):
-        image_to_texts[image].append(text)
-    metrics = {f"i2t_{k}": v for k, v in recall_at_k(scores_i2t, image_to_texts, ks).items()}
-    metrics.update({f"t2i_{k}": v for k, v in recall_at_k(scores_t2i, [[i] for i in text_to_image], ks).items()})
-    metrics["r_mean"] = sum(metrics.values()) / len(metrics)
-    return metrics
+    return image_text_recall(scores_i2t, text_to_image, ks, scores_t2i=scores_t2i)
 
 
 def retrieve(
