@@ -1,4 +1,4 @@
-"""Pieces every bridge shares: the eager attention kernel and the check of the image features it is given."""
+"""Pieces the bridges and models share: the eager attention kernel, the image-feature check, the vision-tower run."""
 
 from __future__ import annotations
 
@@ -43,3 +43,22 @@ def check_image_features(
             f"`image_attention_mask` must have shape (batch_size, num_features) = {tuple(image_embeds.shape[:2])} "
             f"to match `image_embeds`, got {tuple(image_attention_mask.shape)}."
         )
+
+
+def vision_tower_features(
+    tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int | None, trainable: bool | None = None
+) -> torch.Tensor:
+    """
+    Image features for a bridge: `(num_images, C, H, W) -> (num_images, P, Dv)`, in the tower's dtype.
+
+    `feature_layer=None` takes the tower's `last_hidden_state`; an integer indexes its `hidden_states`. A tower that
+    does not train (`trainable`, by default: any parameter requires grad) builds no autograd graph, which saves its
+    activations' memory, as LAVIS does for its frozen ViT.
+    """
+    if trainable is None:
+        trainable = any(p.requires_grad for p in tower.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+        outputs = tower(
+            pixel_values=pixel_values.to(tower.dtype), output_hidden_states=feature_layer is not None, return_dict=True
+        )
+    return outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]

@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput, logging
 
 from ..configuration import BridgeVLMConfig
 from ..trainers.freezing import FreezingMixin
+from .bridge_utils import vision_tower_features
 from .from_pretrained_parts import from_vision_text_pretrained
 from .hub import push_to_hub_with_processor
 
@@ -156,16 +157,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
 
     def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Runs the vision tower; (num_images, C, H, W) -> (num_images, P, Dv)."""
-        layer = self.config.vision_feature_layer
-        tower_trains = any(p.requires_grad for p in self.vision_tower.parameters())
-        # A frozen tower needs no autograd graph: this saves its activations' memory, as LAVIS does.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
-            outputs = self.vision_tower(
-                pixel_values=pixel_values.to(self.vision_tower.dtype),
-                output_hidden_states=layer is not None,
-                return_dict=True,
-            )
-        return outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+        return vision_tower_features(self.vision_tower, pixel_values, self.config.vision_feature_layer)
 
     def get_image_features(
         self,

@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput, logging
 from ..configuration.configuration_qformer import QFormerConfig
 from ..configuration.configuration_qformer_pretraining import QFormerPretrainingConfig
 from . import stage1_losses as losses
+from .bridge_utils import vision_tower_features
 from .modeling_qformer import QFormerModel
 from .stage1_accumulation import AccumulationWindow, windowed_forward
 
@@ -287,13 +288,8 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         tower builds no autograd graph.
         """
         tower = self.vision_tower_m if momentum else self.vision_tower
-        layer = self.config.vision_feature_layer
-        tower_trains = not momentum and any(p.requires_grad for p in tower.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
-            outputs = tower(
-                pixel_values=pixel_values.to(tower.dtype), output_hidden_states=layer is not None, return_dict=True
-            )
-        return outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+        trainable = False if momentum else None  # the momentum copy never gets gradients
+        return vision_tower_features(tower, pixel_values, self.config.vision_feature_layer, trainable)
 
     def get_image_features(
         self, pixel_values: torch.FloatTensor | None = None, image_embeds: torch.FloatTensor | None = None
