@@ -468,12 +468,19 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         negative_images = losses.sample_hard_negatives(sim_t2i, positives, generator)  # (B,) an image per text
         negative_texts = losses.sample_hard_negatives(sim_i2t, positives, generator)  # (B,) a text per image
         local = slice(rank * batch_size, (rank + 1) * batch_size)  # local texts, padded like the gathered ones
-        text_ids = torch.cat([input_ids_all[local], input_ids_all[local], input_ids_all[negative_texts]])  # (3B, T)
-        text_mask = torch.cat(
-            [attention_mask_all[local], attention_mask_all[local], attention_mask_all[negative_texts]]
-        )
-        images = torch.cat([image_embeds, image_embeds_all[negative_images], image_embeds])  # (3B, P, Dv)
-        itm_logits = self.compute_itm_logits(images, text_ids, text_mask)  # (3B, 2)
+        return self._itm_on_pairs(
+            image_embeds, image_embeds_all[negative_images], input_ids_all[local], attention_mask_all[local],
+            input_ids_all[negative_texts], attention_mask_all[negative_texts],
+        )  # fmt: skip
+
+    def _itm_on_pairs(self, image_embeds, negative_images, text_ids, text_mask, negative_text_ids, negative_text_mask):
+        """ITM over LAVIS' 3B pairs: (image, its text) match; (hard negative image, text) and (image, hard negative
+        text) do not. Returns the loss, the logits `(3B, 2)` and the labels."""
+        batch_size = image_embeds.shape[0]
+        texts = torch.cat([text_ids, text_ids, negative_text_ids])  # (3B, T)
+        masks = torch.cat([text_mask, text_mask, negative_text_mask])
+        images = torch.cat([image_embeds, negative_images.to(image_embeds.dtype), image_embeds])  # (3B, P, Dv)
+        itm_logits = self.compute_itm_logits(images, texts, masks)  # (3B, 2)
         itm_labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long().to(itm_logits.device)
         return F.cross_entropy(itm_logits.float(), itm_labels), itm_logits, itm_labels
 

@@ -122,14 +122,10 @@ def windowed_forward(model, window: AccumulationWindow, pixel_values, input_ids,
         negative_images = losses.sample_hard_negatives(sim_t2i.detach(), positives, generator)[local]
         negative_texts = losses.sample_hard_negatives(sim_i2t.detach(), positives, generator)[local]
         ids, mask = window.input_ids, window.attention_mask
-        text_ids = torch.cat([ids[local], ids[local], ids[negative_texts]])  # (3B, T_max)
-        text_mask = torch.cat([mask[local], mask[local], mask[negative_texts]])
-        negatives = window.image_embeds[negative_images].to(image_embeds.dtype)
-        images = torch.cat([image_embeds, negatives, image_embeds])  # (3B, P, Dv)
-        itm_logits = model.compute_itm_logits(images, text_ids, text_mask)  # (3B, 2)
-        itm_labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long().to(itm_logits.device)
-        output.loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
-        output.itm_logits, output.itm_labels = itm_logits, itm_labels
+        output.loss_itm, output.itm_logits, output.itm_labels = model._itm_on_pairs(
+            image_embeds, window.image_embeds[negative_images], ids[local], mask[local],
+            ids[negative_texts], mask[negative_texts],
+        )  # fmt: skip
         weighted.append(config.itm_weight * output.loss_itm * batch_size / window.size)
     if config.itg_weight:
         output.loss_itg, output.itg_logits = model._itg(image_embeds, input_ids, attention_mask)
