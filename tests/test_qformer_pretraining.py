@@ -301,6 +301,20 @@ def test_hard_negatives_never_hit_positives_or_same_image_pairs():
         losses.sample_hard_negatives(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool))
 
 
+def test_hardness_zero_draws_negatives_uniformly_and_one_prefers_similar():
+    similarity = torch.tensor([[10.0, 9.0, 0.0, 0.0]]).repeat(4000, 1)
+    positives = torch.zeros_like(similarity, dtype=torch.bool)
+    positives[:, 0] = True
+    generator = torch.Generator().manual_seed(0)
+    uniform = losses.sample_hard_negatives(similarity, positives, generator, hardness=0.0)
+    counts = torch.bincount(uniform, minlength=4) / len(uniform)
+    assert counts[0] == 0 and torch.allclose(counts[1:], torch.full((3,), 1 / 3), atol=0.03)
+    hard = losses.sample_hard_negatives(similarity, positives, generator, hardness=1.0)
+    assert (hard == 1).float().mean() > 0.99  # e^9 against 2 e^0
+    with pytest.raises(ValueError, match="non-negative"):
+        losses.sample_hard_negatives(similarity, positives, generator, hardness=-1.0)
+
+
 def test_itm_pairs_layout_through_the_model(monkeypatch):
     image_ids = [4, 4, 9, 6]
     model = make_model(itg_weight=0).train()
@@ -309,8 +323,8 @@ def test_itm_pairs_layout_through_the_model(monkeypatch):
     captured = {}
     original_sample, original_itm = losses.sample_hard_negatives, model.compute_itm_logits
 
-    def spy_sample(similarity, mask, generator=None):
-        index = original_sample(similarity, mask, generator)
+    def spy_sample(similarity, mask, generator=None, hardness=1.0):
+        index = original_sample(similarity, mask, generator, hardness)
         captured.setdefault("draws", []).append(index)
         assert torch.equal(mask.cpu(), positives)
         return index

@@ -92,6 +92,40 @@ def test_sub_losses_logged_in_training_and_evaluation(tmp_path, data):
     assert metrics["eval_loss"] == pytest.approx(total, rel=1e-4)
 
 
+def test_itm_negatives_ramp_from_random_to_hard(tmp_path, data):
+    """`itm_hard_negative_warmup_ratio` ramps the hardness the model receives linearly from 0 to 1, and logs it."""
+    splits, tokenizer, collator = data
+    seen = []
+    model, trainer = run(tmp_path, data, batch_size=4, accumulation=1, steps=4, itm_hard_negative_warmup_ratio=0.5)
+    assert [entry["itm_negative_hardness"] for entry in trainer.state.log_history if "loss" in entry] == [
+        0.0, 0.5, 1.0, 1.0
+    ]  # fmt: skip
+    original = model.forward
+    model.forward = lambda *args, **kwargs: (
+        seen.append(kwargs.get("itm_negative_hardness")) or original(*args, **kwargs)
+    )
+    trainer.evaluate(splits["validation"])
+    assert seen and all(value is None for value in seen), "evaluation must keep LAVIS' hard negatives"
+    with pytest.raises(ValueError, match="itm_hard_negative_warmup_ratio"):
+        Stage1Config(str(tmp_path), itm_hard_negative_warmup_ratio=1.5)
+
+
+def test_retrieval_caption_is_written_from_the_scene(data):
+    """Built-in data is retrieved with its unique "positions" caption even when it was not among its captions."""
+    from vlbridge.trainers.stage1_eval import retrieval_caption
+
+    splits, _, _ = data
+    rows = group_captions(splits["train"])
+    captions = [retrieval_caption(row) for row in rows]
+    assert len(set(captions)) == len(captions)
+    assert all(
+        caption.split()[-1] in {"left", "right", "top", "bottom", "centre", "row", "column"} for caption in captions
+    )
+    assert retrieval_caption({"captions": ["a b"], "objects": None}) == "a b"
+    with pytest.raises(ValueError, match="Unknown caption style"):
+        retrieval_caption(rows[0], "poem")
+
+
 def test_collator_appends_eos_and_masks_padding(data):
     splits, tokenizer, collator = data
     batch = collator([splits["train"][i] for i in range(3)])
@@ -140,5 +174,7 @@ def test_short_run_learns_retrieval_and_captions():
         history.append((out.loss_itc.item(), out.loss_itg.item()))
     (itc_start, itg_start), (itc_end, itg_end) = history[0], history[-1]
     assert itc_end < 0.5 * itc_start and itg_end < 0.5 * itg_start, history[::20]
-    metrics = evaluate_stage1(model, group_captions(splits["train"]), collator, k_test=8, progress=False)
+    # Retrieved with the caption it trained on (the "full" one); held-out learning is examples/pretrain_qformer.py's.
+    rows = group_captions(splits["train"])
+    metrics = evaluate_stage1(model, rows, collator, retrieval_style=None, k_test=8, progress=False)
     assert metrics["i2t_r1"] >= 0.5 and metrics["t2i_r1"] >= 0.5, metrics  # chance: 0.03

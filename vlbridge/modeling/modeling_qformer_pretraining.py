@@ -364,6 +364,7 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         image_ids: torch.LongTensor | None = None,
         return_loss: bool = True,
         sampling_seed: int | None = None,
+        itm_negative_hardness: float = 1.0,
         accumulation_window: AccumulationWindow | None = None,
         **kwargs,
     ) -> QFormerPretrainingOutput:
@@ -384,6 +385,11 @@ class QFormerForImageTextPretraining(PreTrainedModel):
                 update).
             sampling_seed (`int`, *optional*):
                 Seeds the ITM hard-negative sampling (default: the global RNG). [`Stage1Trainer`] draws one per step.
+            itm_negative_hardness (`float`, *optional*, defaults to 1.0):
+                ITM negatives are drawn from `softmax(itm_negative_hardness * ITC logits)`: 1 is LAVIS, 0 draws them
+                uniformly. [`Stage1Trainer`] ramps it from 0 to 1 over `Stage1Config.itm_hard_negative_warmup_ratio`
+                of training: a from-scratch ITM head that only ever sees near-duplicate negatives can stay on "no
+                match".
             accumulation_window ([`AccumulationWindow`], *optional*):
                 Set by [`Stage1Trainer`] under gradient accumulation: the other micro-batches of this optimizer step,
                 so that the accumulated loss and gradients equal those of the larger batch (see
@@ -395,8 +401,9 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         attention_mask = attention_mask.long()
         if accumulation_window is not None and return_loss:
             return windowed_forward(
-                self, accumulation_window, pixel_values, input_ids, attention_mask, QFormerPretrainingOutput
-            )
+                self, accumulation_window, pixel_values, input_ids, attention_mask, QFormerPretrainingOutput,
+                itm_negative_hardness,
+            )  # fmt: skip
         image_embeds = self.get_vision_features(pixel_values)  # (B, P, Dv)
         image_feats, text_feat = self._unimodal_features(image_embeds, input_ids, attention_mask)
         if not return_loss:
@@ -429,7 +436,7 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         if self.config.itm_weight:
             output.loss_itm, output.itm_logits, output.itm_labels = self._itm(
                 image_embeds, input_ids, attention_mask, sim_i2t[:, :global_batch], sim_t2i[:, :global_batch],
-                positives[:, :global_batch], sampling_seed,
+                positives[:, :global_batch], sampling_seed, itm_negative_hardness,
             )  # fmt: skip
             output.itm_accuracy = (output.itm_logits.detach().argmax(-1) == output.itm_labels).float().mean()
             weighted.append(self.config.itm_weight * output.loss_itm)
@@ -456,7 +463,7 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         loss = losses.contrastive_loss(sim_i2t, sim_t2i, positives, self.config.label_smoothing)
         return loss, sim_i2t, sim_t2i, positives
 
-    def _itm(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, seed=None):
+    def _itm(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, seed=None, hardness=1.0):
         """ITM with one hard negative text per image and one hard negative image per text (LAVIS)."""
         rank, _ = losses.world_info()
         batch_size = input_ids.shape[0]
@@ -464,10 +471,16 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         image_embeds_all = losses.all_gather_with_grad(image_embeds)  # (N, P, Dv)
         input_ids_all = losses.gather_padded(input_ids, pad_id)  # (N, T_max)
         attention_mask_all = losses.gather_padded(attention_mask, 0)
+        local = slice(rank * batch_size, (rank + 1) * batch_size)  # this process's rows of the global batch
+        # Every process draws the negatives of the whole global batch with the same seeded generator and keeps its
+        # own rows: the draws are those of one process holding the global batch, whatever the world size. Drawing
+        # from the local rows alone would give every process the random numbers of the global batch's first rows.
+        sim_t2i_all = losses.concat_all_gather(sim_t2i)  # (N, N), detached
+        sim_i2t_all = losses.concat_all_gather(sim_i2t)
+        positives_all = losses.concat_all_gather(positives.to(torch.uint8)).bool()  # not every backend gathers bool
         generator = None if seed is None else torch.Generator(device=sim_i2t.device).manual_seed(seed)
-        negative_images = losses.sample_hard_negatives(sim_t2i, positives, generator)  # (B,) an image per text
-        negative_texts = losses.sample_hard_negatives(sim_i2t, positives, generator)  # (B,) a text per image
-        local = slice(rank * batch_size, (rank + 1) * batch_size)  # local texts, padded like the gathered ones
+        negative_images = losses.sample_hard_negatives(sim_t2i_all, positives_all, generator, hardness)[local]
+        negative_texts = losses.sample_hard_negatives(sim_i2t_all, positives_all, generator, hardness)[local]
         return self._itm_on_pairs(
             image_embeds, image_embeds_all[negative_images], input_ids_all[local], attention_mask_all[local],
             input_ids_all[negative_texts], attention_mask_all[negative_texts],

@@ -92,7 +92,9 @@ def _splice(window_tensor: torch.Tensor, local: torch.Tensor, start: int) -> tor
     return torch.cat([window_tensor[:start].to(local.dtype), local, window_tensor[end:].to(local.dtype)])
 
 
-def windowed_forward(model, window: AccumulationWindow, pixel_values, input_ids, attention_mask, output_class):
+def windowed_forward(
+    model, window: AccumulationWindow, pixel_values, input_ids, attention_mask, output_class, hardness: float = 1.0
+):
     """One micro-batch's share of the window's loss (see the module docstring); the logged sub-losses are unscaled."""
     config = model.config
     start, batch_size, num_windows = window.starts[window.index], input_ids.shape[0], len(window.starts)
@@ -119,8 +121,8 @@ def windowed_forward(model, window: AccumulationWindow, pixel_values, input_ids,
     weighted = [config.itc_weight * itc_share]
     if config.itm_weight:
         generator = torch.Generator(device=sim_i2t.device).manual_seed(window.seed)
-        negative_images = losses.sample_hard_negatives(sim_t2i.detach(), positives, generator)[local]
-        negative_texts = losses.sample_hard_negatives(sim_i2t.detach(), positives, generator)[local]
+        negative_images = losses.sample_hard_negatives(sim_t2i.detach(), positives, generator, hardness)[local]
+        negative_texts = losses.sample_hard_negatives(sim_i2t.detach(), positives, generator, hardness)[local]
         ids, mask = window.input_ids, window.attention_mask
         output.loss_itm, output.itm_logits, output.itm_labels = model._itm_on_pairs(
             image_embeds, window.image_embeds[negative_images], ids[local], mask[local],

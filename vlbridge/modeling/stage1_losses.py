@@ -157,10 +157,14 @@ def contrastive_loss(
 
 @torch.no_grad()
 def sample_hard_negatives(
-    similarity: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None
+    similarity: torch.Tensor,
+    positives: torch.Tensor,
+    generator: torch.Generator | None = None,
+    hardness: float = 1.0,
 ) -> torch.Tensor:
     """
-    One hard negative per row for ITM, drawn from `softmax(similarity)` over the non-positive columns (LAVIS).
+    One hard negative per row for ITM, drawn from `softmax(hardness * similarity)` over the non-positive columns
+    (LAVIS: `hardness=1`).
 
     Args:
         similarity (`torch.Tensor` of shape `(B, N)`):
@@ -169,17 +173,22 @@ def sample_hard_negatives(
             Pairs that must never be drawn: the positive and every other caption of the same image.
         generator (`torch.Generator`, *optional*):
             Random generator of `torch.multinomial`.
+        hardness (`float`, *optional*, defaults to 1.0):
+            Scales the logits: 1 is LAVIS' hard-negative sampling, 0 draws negatives uniformly (easy ones).
 
     Returns:
         `torch.LongTensor` of shape `(B,)`: a column index per row.
     """
+    if hardness < 0:
+        raise ValueError(f"`hardness` must be non-negative, got {hardness}.")
     positives = positives.to(similarity.device)
     if not (~positives).any(dim=1).all():
         raise ValueError(
             "ITM needs a negative for every sample, but some sample's whole (global) batch shows its own image "
             "(batch size 1, or every caption of one image). Use larger or more varied batches, or set itm_weight=0."
         )
-    weights = F.softmax(similarity.float().masked_fill(positives, float("-inf")), dim=1)  # zero on positives
+    logits = (hardness * similarity.float()).masked_fill(positives, float("-inf"))
+    weights = F.softmax(logits, dim=1)  # zero on positives
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 

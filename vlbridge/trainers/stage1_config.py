@@ -21,6 +21,11 @@ class Stage1Config(TrainingArguments):
             Longest caption in tokens (LAVIS: 32).
         eval_retrieval (`bool`, *optional*, defaults to `False`):
             Also report retrieval recall@1/5/10 when evaluating.
+        itm_hard_negative_warmup_ratio (`float`, *optional*, defaults to 0.0):
+            Share of training over which ITM negatives go from uniformly drawn (easy) to LAVIS' hard negatives, by
+            ramping `itm_negative_hardness` linearly from 0 to 1. 0 keeps LAVIS' hard negatives from the first step,
+            which suits a pretrained vision tower; from scratch, an ITM head that only ever sees near-duplicate
+            negatives can sit on "no match" for the whole run.
     """
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (BLIP-2: 1e-4)."})
@@ -34,3 +39,14 @@ class Stage1Config(TrainingArguments):
     )
     max_text_length: int = field(default=32, metadata={"help": "Longest caption in tokens, BOS and EOS included."})
     eval_retrieval: bool = field(default=False, metadata={"help": "Report retrieval recall@K when evaluating."})
+    itm_hard_negative_warmup_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Share of training over which ITM negatives ramp from random to hard (LAVIS: 0)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.itm_hard_negative_warmup_ratio <= 1.0:
+            raise ValueError(
+                f"`itm_hard_negative_warmup_ratio` must be in [0, 1], got {self.itm_hard_negative_warmup_ratio}."
+            )

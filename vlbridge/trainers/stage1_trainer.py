@@ -91,14 +91,25 @@ class Stage1Trainer(Trainer):
         extra = {"accumulation_window": window} if window is not None else {}
         if model.training and self._window_seed is not None:
             extra["sampling_seed"] = self._window_seed
+        if model.training:
+            extra["itm_negative_hardness"] = self.itm_negative_hardness()
         outputs = model(**inputs, **extra)
         mode = "train" if model.training else "eval"
+        if model.training:
+            self._metrics[mode]["itm_negative_hardness"].append(extra["itm_negative_hardness"])
         for key in self.LOGGED_KEYS:
             value = outputs.get(key) if hasattr(outputs, "get") else None
             if value is not None:
                 value = torch.as_tensor(value, device=self.args.device).detach().float().reshape(1)
                 self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def itm_negative_hardness(self) -> float:
+        """1 (LAVIS' hard negatives) after `args.itm_hard_negative_warmup_ratio` of training, a linear ramp from 0
+        (uniformly drawn negatives) before."""
+        ratio = getattr(self.args, "itm_hard_negative_warmup_ratio", 0.0)
+        warmup_steps = ratio * self.state.max_steps
+        return 1.0 if warmup_steps <= 0 else min(1.0, self.state.global_step / warmup_steps)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
