@@ -7,6 +7,7 @@ import random
 import torch
 from tqdm.auto import tqdm
 
+from ..data.synthetic import CAPTION_WRITERS, Scene
 from ..modeling.retrieval import ImageTextRetriever
 
 
@@ -25,9 +26,11 @@ def evaluate_stage1(
     r"""
     Evaluates a [`QFormerForImageTextPretraining`] on held-out images.
 
-    - **Retrieval**: one caption per image (the `retrieval_style` caption, which the built-in data makes unique per
-      image; the first caption when the style is absent), ITC scores re-ranked by ITM over the top `k_test`, recall
-      at 1 / 5 / 10 in both directions (`i2t_r1`, ..., `t2i_r10`).
+    - **Retrieval**: one caption per image, ITC scores re-ranked by ITM over the top `k_test`, recall at 1 / 5 / 10
+      in both directions (`i2t_r1`, ..., `t2i_r10`). Built-in data (rows with an `objects` column) is retrieved with
+      the `retrieval_style` caption written from the scene, whether or not it was among the image's captions: the
+      "positions" caption names every object's shape, colour, size and place, so it is unique per image, where the
+      shorter styles are true of several images and would make recall@1 ambiguous. Other data uses the first caption.
     - **ITM accuracy**: each image with its own caption (match) and with the caption of another, randomly chosen
       image (no match); a pair counts as right when the ITM head's argmax agrees. `itm_accuracy` over `2 N` pairs.
     - **ITG**: greedy captions; `itg_exact` is the share of images whose caption equals one of theirs exactly.
@@ -41,18 +44,15 @@ def evaluate_stage1(
         collator ([`ImageTextCollator`]):
             Tokenizes captions as in training and processes images.
         retrieval_style (`str`, *optional*, defaults to `"positions"`):
-            Which caption of each image to retrieve with.
+            Which caption writer of `vlbridge.data.synthetic.CAPTION_WRITERS` gives the retrieval caption of built-in
+            data; `None` uses each image's first caption.
 
     Returns:
         `dict[str, float]` with the metrics above.
     """
     model.eval()
     rows = [images_dataset[i] for i in range(len(images_dataset))]
-    styles = [row.get("caption_styles") or [] for row in rows]
-    texts = [
-        row["captions"][style.index(retrieval_style)] if retrieval_style in style else row["captions"][0]
-        for row, style in zip(rows, styles)
-    ]
+    texts = [retrieval_caption(row, retrieval_style) for row in rows]
     images = [row["image"].convert("RGB") for row in rows]
     pixel_values = torch.cat(
         [
@@ -83,3 +83,12 @@ def evaluate_stage1(
     metrics.update(itm_accuracy=correct / (2 * len(rows)), itg_exact=exact / len(rows))
     metrics["samples"] = [(row["captions"][0], caption.strip()) for row, caption in zip(rows[:8], generated[:8])]
     return metrics
+
+
+def retrieval_caption(row: dict, style: str | None = "positions") -> str:
+    """The caption an image is retrieved with: the `style` caption of its scene for built-in data, else its first."""
+    if style is None or not row.get("objects"):
+        return row["captions"][0]
+    if style not in CAPTION_WRITERS:
+        raise ValueError(f"Unknown caption style {style!r}; choose one of {sorted(CAPTION_WRITERS)}.")
+    return CAPTION_WRITERS[style](Scene.from_objects(row["objects"])) or row["captions"][0]
