@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .caption_metrics import bleu, cider_d, normalize_vqa_answer, tokenize_caption, vqa_accuracy
 from .retrieval_recall import best_relevant_rank, image_text_recall, recall_at_k, recall_at_k_from_rankings
 
 
@@ -16,7 +17,8 @@ def metric_path(name: str) -> str:
 
     Args:
         name (`str`):
-            A built-in metric: one of the sub-folders of `vlbridge/metrics` holding `<name>/<name>.py` (`"recall"`).
+            A built-in metric: one of the sub-folders of `vlbridge/metrics` holding `<name>/<name>.py` (`"recall"`,
+            `"cider"`, `"bleu4"`, `"vqa_accuracy"`).
 
     Example:
 
@@ -38,7 +40,7 @@ def load_metric(name: str, config_name: str | None = None, **kwargs):
 
     Args:
         name (`str`):
-            The metric (`"recall"`).
+            The metric: `"recall"`, `"cider"`, `"bleu4"` or `"vqa_accuracy"`.
         config_name (`str`, *optional*):
             The metric's configuration, e.g. `"scores"` (default) or `"ranking"` for `"recall"`.
         kwargs:
@@ -60,9 +62,14 @@ def load_metric(name: str, config_name: str | None = None, **kwargs):
 
 __all__ = [
     "best_relevant_rank",
+    "bleu",
+    "cider_d",
     "image_text_recall",
     "load_metric",
     "metric_path",
+    "normalize_vqa_answer",
     "recall_at_k",
     "recall_at_k_from_rankings",
+    "tokenize_caption",
+    "vqa_accuracy",
 ]
