@@ -34,6 +34,7 @@ from vlbridge.data import (
     make_synthetic_image_text,
 )
 from vlbridge.trainers import ImageTextCollator, Stage1Config, Stage1Trainer, evaluate_stage1
+from vlbridge.trainers.distributed import close_process_group
 
 
 @dataclass
@@ -42,7 +43,11 @@ class DataArguments:
     num_train_images: int = field(default=2000, metadata={"help": "Built-in data: training images."})
     num_eval_images: int = field(default=200, metadata={"help": "Built-in data: held-out test images."})
     image_size: int = field(default=64, metadata={"help": "Side of the built-in images and of the model input."})
-    captions_per_image: int = field(default=3, metadata={"help": "Built-in data: captions per image."})
+    captions_per_image: int = field(default=3, metadata={"help": "Built-in data: captions per image (1 to 5)."})
+    max_objects: int = field(default=4, metadata={"help": "Built-in data: most objects per scene (1 to 9)."})
+    image_mean: float = field(
+        default=0.5, metadata={"help": "Pixel normalisation mean; 1.0 maps the built-in white background to 0."}
+    )
     eval_fraction: float = field(default=0.1, metadata={"help": "Local data: share of images held out."})
     data_seed_value: int = field(default=0, metadata={"help": "Seed of the built-in data."})
     k_test: int = field(default=16, metadata={"help": "Held-out retrieval: candidates re-ranked by ITM (LAVIS: 128)."})
@@ -61,9 +66,13 @@ class ModelArguments:
     embed_dim: int = field(default=64, metadata={"help": "ITC embedding width."})
     dropout: float = field(default=0.0, metadata={"help": "Q-Former dropout."})
     initializer_range: float = field(
-        default=0.3,
+        default=0.1,
         metadata={"help": "Q-Former init std. From scratch, BERT's 0.02 leaves ITC on its ln(N) plateau for long."},
     )
+    vision_initializer_range: float = field(default=0.02, metadata={"help": "ViT init std."})
+    itc_weight: float = field(default=1.0, metadata={"help": "Weight of the ITC loss."})
+    itm_weight: float = field(default=1.0, metadata={"help": "Weight of the ITM loss."})
+    itg_weight: float = field(default=1.0, metadata={"help": "Weight of the ITG loss."})
 
 
 def parse_args(argv: list[str]):
@@ -84,6 +93,7 @@ def load_data(args: DataArguments):
             image_size=args.image_size,
             seed=args.data_seed_value,
             captions_per_image=args.captions_per_image,
+            max_objects=args.max_objects,
         )
         return splits["train"], group_captions(splits["test"]), caption_vocabulary()
     path = Path(args.dataset)
@@ -102,6 +112,7 @@ def build_model(args: ModelArguments, data: DataArguments, tokenizer) -> QFormer
             "num_attention_heads": args.num_attention_heads, "intermediate_size": 4 * args.vision_hidden_size,
             "image_size": data.image_size, "patch_size": args.patch_size,
             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "initializer_range": args.vision_initializer_range,
         },
         qformer_config={
             "model_type": "vlbridge_qformer", "hidden_size": args.qformer_hidden_size,
@@ -111,6 +122,7 @@ def build_model(args: ModelArguments, data: DataArguments, tokenizer) -> QFormer
             "hidden_dropout_prob": args.dropout, "attention_probs_dropout_prob": args.dropout,
         },
         embed_dim=args.embed_dim,
+        itc_weight=args.itc_weight, itm_weight=args.itm_weight, itg_weight=args.itg_weight,
         freeze_vision_tower=args.freeze_vision_tower,
         decoder_start_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
         pad_token_id=tokenizer.pad_token_id,
@@ -130,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = data_args.image_size
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        image_mean=[data_args.image_mean] * 3, image_std=[0.5, 0.5, 0.5],
     )  # fmt: skip
     collator = ImageTextCollator(image_processor, tokenizer, max_length=training_args.max_text_length)
 
@@ -158,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
         for truth, generated in samples:
             print(f"  {truth!r} -> {generated!r}")
+    # Under torchrun: every process waits here for the others, then the process group closes cleanly.
+    del trainer, model
+    close_process_group()
     return metrics
 
 

@@ -12,16 +12,15 @@ the same data and drew the same negatives.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 
 import torch
-import torch.distributed as dist
 from transformers import CLIPImageProcessor
 
 from vlbridge import QFormerForImageTextPretraining, QFormerPretrainingConfig
 from vlbridge.data import build_word_tokenizer, caption_vocabulary, make_synthetic_image_text
 from vlbridge.trainers import ImageTextCollator, Stage1Config, Stage1Trainer
+from vlbridge.trainers.distributed import close_process_group
 
 
 IMAGE_SIZE = 32
@@ -103,15 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         with open(args.output, "w") as file:
             json.dump(result, file)
-    if dist.is_initialized():
-        # The Trainer leaves the process group up. Left to interpreter exit, its teardown aborts ("terminate called
-        # without an active exception") or deadlocks now and then: a gloo thread still freeing the tensors of the last
-        # collective needs the GIL that the exiting main thread holds. The barrier releases the GIL until every
-        # process is past its last collective; then the DDP wrapper and the group go while Python is fully alive.
-        dist.barrier()
-        del trainer, model
-        gc.collect()
-        dist.destroy_process_group()
+    del trainer, model
+    close_process_group()
     return result
 
 
