@@ -19,6 +19,7 @@ MODULES = [
     "vlbridge.processing.processing_bridge",
     "vlbridge.conversion.qformer",
     "vlbridge.data.tokenizer",
+    "vlbridge.data.synthetic_vqa",
     "vlbridge.trainers.distributed",
 ]
 

@@ -1,6 +1,7 @@
 """Built-in data, local image-text loaders and in-process tokenizers (no downloads)."""
 
-from .local import LoadReport, load_image_text_folder, load_image_text_jsonl
+from .local import LoadReport, load_image_text_folder, load_image_text_jsonl, normalize_messages
+from .shards import SkippedImagesCallback, load_image_text_shards
 from .synthetic import (
     Scene,
     caption_vocabulary,
@@ -10,6 +11,14 @@ from .synthetic import (
     render_scene,
     sample_scene,
 )
+from .synthetic_vqa import (
+    chat_vocabulary,
+    make_synthetic_chat,
+    make_synthetic_vqa,
+    to_messages,
+    vqa_vocabulary,
+    write_questions,
+)
 from .tokenizer import SPECIAL_TOKENS, build_word_tokenizer
 
 
@@ -17,13 +26,22 @@ __all__ = [
     "SPECIAL_TOKENS",
     "LoadReport",
     "Scene",
+    "SkippedImagesCallback",
     "build_word_tokenizer",
     "caption_vocabulary",
+    "chat_vocabulary",
     "explode_captions",
     "group_captions",
     "load_image_text_folder",
     "load_image_text_jsonl",
+    "load_image_text_shards",
+    "make_synthetic_chat",
     "make_synthetic_image_text",
+    "make_synthetic_vqa",
+    "normalize_messages",
     "render_scene",
     "sample_scene",
+    "to_messages",
+    "vqa_vocabulary",
+    "write_questions",
 ]
