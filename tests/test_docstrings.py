@@ -21,6 +21,7 @@ MODULES = [
     "vlbridge.data.tokenizer",
     "vlbridge.data.synthetic_vqa",
     "vlbridge.trainers.distributed",
+    "vlbridge.trainers.vlm_collators",
 ]
 
 

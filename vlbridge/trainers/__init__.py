@@ -5,6 +5,16 @@ from .freezing import FREEZE_STAGES, FreezingMixin
 from .stage1_config import Stage1Config
 from .stage1_eval import evaluate_stage1
 from .stage1_trainer import Stage1Trainer
+from .vlm_collators import CaptionCollator, ChatCollator
 
 
-__all__ = ["FREEZE_STAGES", "FreezingMixin", "ImageTextCollator", "Stage1Config", "Stage1Trainer", "evaluate_stage1"]
+__all__ = [
+    "FREEZE_STAGES",
+    "CaptionCollator",
+    "ChatCollator",
+    "FreezingMixin",
+    "ImageTextCollator",
+    "Stage1Config",
+    "Stage1Trainer",
+    "evaluate_stage1",
+]
