@@ -302,6 +302,19 @@ def test_instructblip_qformer_text_is_the_instruction(single_thread):
     assert torch.isfinite(model(**captions).loss)
 
 
+def test_processor_chat_template_gives_the_qformer_the_instruction_not_the_answers(single_thread):
+    """TRL's SFTTrainer tokenizes through `apply_chat_template`: the Q-Former must not see the answers there either."""
+    processor = make_processor(qformer=True)
+    rows = chat_rows(4, turns=(2, 3))
+    out = processor.apply_chat_template(
+        [row["messages"] for row in rows], tokenize=True, return_dict=True, return_tensors="pt",
+        processor_kwargs={"images": [row["images"] for row in rows], "padding": True},
+    )  # fmt: skip
+    expected = processor.qformer_tokenizer([text_of(row["messages"][0]) for row in rows], padding=True)
+    assert out["qformer_input_ids"].tolist() == expected["input_ids"]  # the first question alone, per image
+    assert torch.equal(ChatCollator(processor)(rows)["qformer_input_ids"], out["qformer_input_ids"])
+
+
 def test_chat_several_images_and_text_only_rows(single_thread):
     processor = make_processor()
     image = chat_rows(1)[0]["images"][0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -420,6 +421,60 @@ class BridgeProcessor(ProcessorMixin):
             f"its {expected} image tokens ({num_images} image(s) x {self.num_image_tokens}). Pass "
             f"max_length>={needed} to keep every image whole, shorten the text {shorten}, or pass truncation=False."
         )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Chat
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """
+        [`~ProcessorMixin.apply_chat_template`]. With a `qformer_tokenizer` (InstructBLIP) and `tokenize=True`,
+        `return_dict=True`, the Q-Former text is each image's instruction (`qformer_instructions`), one row per
+        image, not the whole rendered chat: that would show the Q-Former every answer of a training conversation
+        (TRL's `SFTTrainer` tokenizes through this method), and role words it never sees at inference.
+        """
+        out = super().apply_chat_template(conversation, chat_template, **kwargs)
+        if self.qformer_tokenizer is None or not isinstance(out, Mapping) or "qformer_input_ids" not in out:
+            return out
+        single = bool(conversation) and isinstance(conversation[0], dict)
+        conversations = [conversation] if single else conversation
+        instructions = [text for messages in conversations for text in self.qformer_instructions(messages)]
+        del out["qformer_input_ids"], out["qformer_attention_mask"]
+        if instructions:
+            tensors = "pt" if hasattr(out.get("input_ids"), "shape") else None
+            encoding = self.qformer_tokenizer(
+                instructions, padding=True, return_attention_mask=True, return_token_type_ids=False,
+                return_tensors=tensors,
+            )  # fmt: skip
+            out["qformer_input_ids"], out["qformer_attention_mask"] = encoding["input_ids"], encoding["attention_mask"]
+        return out
+
+    def qformer_instructions(self, messages: list[dict]) -> list[str]:
+        """
+        InstructBLIP's Q-Former text for each image of a conversation, in order: the text of the message that holds
+        the image, without placeholders. Later turns are left out: they follow earlier answers and would show them to
+        the image tokens, which come first.
+
+        Args:
+            messages (`list[dict]`):
+                A conversation; `content` is a string with `image_token` placeholders or a list of `{"type": "image"}`
+                / `{"type": "text", "text": ...}` entries.
+
+        Returns:
+            `list[str]`: one instruction per image.
+        """
+        texts = []
+        for message in messages:
+            content = message.get("content") or []
+            if isinstance(content, str):
+                count, text = content.count(self.image_token), content
+            else:
+                count = sum(1 for entry in content if entry.get("type") == "image")
+                text = " ".join(
+                    entry["text"] for entry in content if entry.get("type") == "text" and entry.get("text")
+                )
+            texts += [self._qformer_text(text)] * count
+        return texts
 
     # ----------------------------------------------------------------------------------------------------------------
     # Q-Former text

@@ -371,8 +371,8 @@ class ChatCollator(_VLMCollator):
     InstructBLIP models (a processor with a `qformer_tokenizer`): each image's Q-Former text is the text of the user
     message that holds the image (InstructBLIP's instruction), one row per image. In a multi-turn conversation that is
     the first question about the image; later questions are left out, since they follow earlier answers and could
-    reveal them to the image tokens, which come first. The processor's own `qformer_input_ids` (made from the whole
-    rendered chat, answers included) are not used.
+    reveal them to the image tokens, which come first (`BridgeProcessor.qformer_instructions`, which the processor's
+    `apply_chat_template` uses too).
 
     Truncation (`max_length`) cuts from the end. It raises instead of cutting an image or every assistant token of a
     sample; a sample without any assistant token (no assistant turn, or a template without `{% generation %}`) raises
@@ -442,7 +442,7 @@ class ChatCollator(_VLMCollator):
             self._example(i, conversation, list(ids), list(mask))
             for i, (conversation, ids, mask) in enumerate(zip(conversations, out["input_ids"], out["assistant_masks"]))
         ]
-        instructions = [text for conversation in conversations for text in self._instructions(conversation)]
+        instructions = [text for messages in conversations for text in self.processor.qformer_instructions(messages)]
         return self._batch(examples, out.get("pixel_values"), instructions)
 
     def _images(self, row: dict[str, Any]) -> list:
@@ -477,22 +477,6 @@ class ChatCollator(_VLMCollator):
         while start > 0 and mask[start - 1]:
             start -= 1
         return _Example(ids[:start], ids[start:end])
-
-    def _instructions(self, conversation: list[dict]) -> list[str]:
-        """For each image of the conversation, in order, the text of the message that holds it."""
-        texts = []
-        for message in conversation:
-            content = message.get("content") or []
-            if isinstance(content, str):
-                count = content.count(self.processor.image_token)
-                text = content
-            else:
-                count = sum(1 for entry in content if entry.get("type") == "image")
-                text = " ".join(
-                    entry["text"] for entry in content if entry.get("type") == "text" and entry.get("text")
-                )
-            texts += [self._clean_instruction(text)] * count
-        return texts
 
 
 __all__ = ["CaptionCollator", "ChatCollator"]
