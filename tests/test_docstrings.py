@@ -22,6 +22,7 @@ MODULES = [
     "vlbridge.data.synthetic_vqa",
     "vlbridge.trainers.distributed",
     "vlbridge.trainers.vlm_collators",
+    "vlbridge.trainers.generative_eval",
 ]
 
 

@@ -2,6 +2,7 @@
 
 from .collators import ImageTextCollator
 from .freezing import FREEZE_STAGES, FreezingMixin
+from .generative_eval import evaluate_generation
 from .stage1_config import Stage1Config
 from .stage1_eval import evaluate_stage1
 from .stage1_trainer import Stage1Trainer
@@ -16,5 +17,6 @@ __all__ = [
     "ImageTextCollator",
     "Stage1Config",
     "Stage1Trainer",
+    "evaluate_generation",
     "evaluate_stage1",
 ]
