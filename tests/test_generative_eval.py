@@ -1,7 +1,6 @@
 """`evaluate_generation`: batched left-padded answers equal one-by-one greedy ones, metrics match the metric functions
 on oracle outputs and drop on wrong ones, per-type VQA accuracy, and clear errors on bad input."""
 
-
 import pytest
 import torch
 from test_vlm_collators import make_model, make_processor
