@@ -21,7 +21,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers import CLIPImageProcessor, HfArgumentParser
 
 from vlbridge import QFormerForImageTextPretraining, QFormerPretrainingConfig
@@ -35,6 +34,7 @@ from vlbridge.data import (
 )
 from vlbridge.trainers import ImageTextCollator, Stage1Config, Stage1Trainer, evaluate_stage1
 from vlbridge.trainers.distributed import close_process_group
+from vlbridge.trainers.scripts import parse_with_preset
 
 
 @dataclass
@@ -76,13 +76,7 @@ class ModelArguments:
 
 
 def parse_args(argv: list[str]):
-    """`--config preset.yaml` gives defaults; every other flag overrides them (TRL's `TrlParser` behaviour)."""
-    parser = HfArgumentParser((DataArguments, ModelArguments, Stage1Config))
-    if "--config" in argv:
-        at = argv.index("--config")
-        preset = yaml.safe_load(Path(argv[at + 1]).read_text()) or {}
-        argv = [f"--{k}={v}" for k, v in preset.items()] + argv[:at] + argv[at + 2 :]
-    return parser.parse_args_into_dataclasses(argv)
+    return parse_with_preset(HfArgumentParser((DataArguments, ModelArguments, Stage1Config)), argv)
 
 
 def load_data(args: DataArguments):

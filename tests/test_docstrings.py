@@ -23,6 +23,7 @@ MODULES = [
     "vlbridge.trainers.distributed",
     "vlbridge.trainers.vlm_collators",
     "vlbridge.trainers.generative_eval",
+    "vlbridge.trainers.scripts",
 ]
 
 
