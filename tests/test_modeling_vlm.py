@@ -144,6 +144,19 @@ def test_batched_generation_left_padding_matches_single():
     assert torch.equal(batched[1], single_long[0])
 
 
+@pytest.mark.parametrize("text", ["llama", "t5"])
+def test_generate_never_emits_the_image_placeholder(text):
+    """A model that prefers the `<image>` token still generates (it is suppressed) instead of asking for images."""
+    model = build(text=text, seed=1).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().bias = torch.nn.Parameter(torch.zeros(model.config.text_config.vocab_size))
+        model.get_output_embeddings().bias[IMAGE_ID] = 1e4
+    ids = torch.tensor([[BOS_ID] + [IMAGE_ID] * model.config.num_image_tokens + [11]])
+    out = model.generate(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), max_new_tokens=3, do_sample=False)
+    new = out[0, ids.shape[1] :] if text == "llama" else out[0, 1:]
+    assert len(new) == 3 and IMAGE_ID not in new.tolist()
+
+
 @pytest.mark.parametrize("text", ["opt", "t5"])
 def test_generate_modes_and_kv_cache(text):
     model = build(text=text, seed=2).eval()

@@ -544,6 +544,17 @@ class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixi
         pad = text_config.pad_token_id if text_config.pad_token_id is not None else 0
         return shifted.masked_fill(shifted == -100, pad)
 
+    def generate(self, *args, **kwargs):
+        """[`~GenerationMixin.generate`], with the image placeholder token suppressed: it is input only, and a
+        generated one would ask for an image at the next step (an untrained model can emit it)."""
+        image_token_id = self.config.image_token_id
+        if image_token_id is not None and "suppress_tokens" not in kwargs:
+            config = kwargs.get("generation_config") or self.generation_config
+            suppressed = list(getattr(config, "suppress_tokens", None) or [])
+            if image_token_id not in suppressed:
+                kwargs["suppress_tokens"] = [*suppressed, image_token_id]
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         # Images are encoded once, at prefill; afterwards the KV cache already holds them.
