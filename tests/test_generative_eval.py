@@ -89,6 +89,21 @@ def test_caption_prompt_and_generation(processor, caption_pairs):
     assert set(result) >= {"cider", "bleu1", "bleu2", "bleu3", "bleu4", "samples", "num_examples"}
 
 
+def test_plain_layout_is_the_stage2_collators(processor, caption_pairs):
+    """`use_chat_template=False` continues `<image> prompt` exactly as CaptionCollator lays stage-2 text out."""
+    model = make_model("llama").eval()
+    images = group_captions(caption_pairs)
+    result = evaluate_generation(model, processor, images, max_new_tokens=4, use_chat_template=False, progress=False)
+    expected = []
+    for i in range(images.num_rows):
+        inputs = processor(images=[images[i]["image"]], text=processor.image_token, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        new = ids[0, inputs["input_ids"].shape[1] :]
+        expected.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
+    assert result["predictions"] == expected
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Metrics on oracle outputs
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ def evaluate_generation(
     prompt: str | None = None,
     num_samples: int = 5,
     progress: bool = True,
+    use_chat_template: bool = True,
     **generate_kwargs,
 ) -> dict[str, Any]:
     """
@@ -69,6 +70,10 @@ def evaluate_generation(
             How many `(references, prediction)` pairs to return in `samples`.
         progress (`bool`, *optional*, defaults to `True`):
             Show a tqdm progress bar.
+        use_chat_template (`bool`, *optional*, defaults to `True`):
+            `False` lays the input out as [`CaptionCollator`] trains stage 2, `<image> prompt` with no chat turn
+            (the caption prompt then defaults to none). Evaluate a stage-2 model this way: in a chat layout it never
+            saw, its captions say little about what it learned.
         generate_kwargs:
             Passed to `model.generate` (e.g. `num_beams`); decoding is greedy unless they say otherwise.
 
@@ -118,12 +123,24 @@ def evaluate_generation(
     if columns is None:
         raise ValueError(f"`dataset` must be a `datasets.Dataset`, got {type(dataset).__name__}.")
     if task == "caption":
+        if prompt is None and not use_chat_template:
+            prompt = ""  # CaptionCollator's default: the caption follows the image tokens directly
         dataset, texts, references = _caption_rows(dataset, prompt)
     else:
         texts, references = _vqa_rows(dataset, prompt)
     if not texts:
         raise ValueError("`dataset` is empty: there is nothing to evaluate.")
 
+    if use_chat_template:
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                add_generation_prompt=True,
+            )
+            for text in texts
+        ]
+    else:
+        texts = [" ".join(part for part in (processor.image_token, text) if part) for text in texts]
     predictions = _generate(model, processor, dataset, texts, batch_size, max_new_tokens, progress, generate_kwargs)
 
     result: dict[str, Any] = {}
@@ -172,7 +189,7 @@ def _caption_rows(dataset, prompt: str | None):
     for index, refs in enumerate(references):
         if not refs or not all(isinstance(ref, str) for ref in refs):
             raise ValueError(f"Image {index} needs at least one reference caption (strings), got {refs!r}.")
-    return dataset, [prompt or DEFAULT_CAPTION_PROMPT] * len(references), references
+    return dataset, [DEFAULT_CAPTION_PROMPT if prompt is None else prompt] * len(references), references
 
 
 def _vqa_rows(dataset, prompt: str | None):
@@ -185,6 +202,7 @@ def _vqa_rows(dataset, prompt: str | None):
 
 @torch.no_grad()
 def _generate(model, processor, dataset, texts, batch_size, max_new_tokens, progress, generate_kwargs) -> list[str]:
+    """Greedy generation over the `texts` (each with its row's image placeholder), left-padded batches."""
     was_training = model.training
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
@@ -199,16 +217,9 @@ def _generate(model, processor, dataset, texts, batch_size, max_new_tokens, prog
         for start in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress):
             stop = min(start + batch_size, len(texts))
             images = [_as_rgb(image) for image in dataset[start:stop]["image"]]
-            prompts = [
-                processor.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
-                    add_generation_prompt=True,
-                )
-                for text in texts[start:stop]
-            ]
             inputs = processor(
                 images=[[image] for image in images],
-                text=prompts,
+                text=texts[start:stop],
                 padding=True,
                 padding_side="left",  # batched decoder-only generation continues from the last real token
                 return_tensors="pt",
