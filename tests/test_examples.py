@@ -60,3 +60,44 @@ def test_pretrain_qformer_example_runs_on_builtin_and_local_data(tmp_path, datas
     assert {"i2t_r1", "t2i_r1", "itm_accuracy", "itg_exact"} <= set(metrics)
     assert (tmp_path / "out" / "stage1_metrics.json").is_file()
     assert AutoModel.from_pretrained(tmp_path / "out").config.model_type == "vlbridge_qformer_pretraining"
+
+
+@pytest.mark.parametrize("stage1", [False, True])
+def test_pretrain_generative_example_trains_evaluates_and_takes_a_stage1_qformer(tmp_path, stage1):
+    import torch
+
+    from vlbridge.cli import TINY_BRIDGES
+    from vlbridge.modeling import QFormerForImageTextPretraining, QFormerPretrainingConfig
+
+    preset = EXAMPLES / "configs" / "pretrain_generative_builtin.yaml"
+    argv = ["--config", str(preset), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--logging_steps", "1"]
+    argv += ["--num_train_images", "8", "--num_eval_images", "4", "--per_device_train_batch_size", "4"]
+    argv += ["--eval_max_new_tokens", "4", "--disable_tqdm", "true"]
+    if stage1:
+        # A stage-1 model whose Q-Former has the tiny VLM's bridge sizes (its vision tower is CLIP-style, width 64).
+        bridge = {**TINY_BRIDGES["qformer"], "use_text_input": True, "vocab_size": 32, "max_position_embeddings": 16}
+        vision = {"model_type": "vit", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                  "intermediate_size": 128, "image_size": 32, "patch_size": 8}  # fmt: skip
+        torch.manual_seed(1)
+        config = QFormerPretrainingConfig(
+            vision_config=vision,
+            qformer_config=bridge,
+            embed_dim=16,
+            decoder_start_token_id=31,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
+        QFormerForImageTextPretraining(config).save_pretrained(tmp_path / "stage1")
+        # "language-model" freezes the bridge, so after training it must still hold exactly the stage-1 weights.
+        argv += ["--stage1_checkpoint", str(tmp_path / "stage1"), "--freeze", "language-model"]
+    metrics = load_example("pretrain_generative").main(argv)
+    assert math.isfinite(metrics["train_loss"]) and "cider" in metrics and "bleu4" in metrics, metrics
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert isinstance(model, vlbridge.BridgeVLMForConditionalGeneration)
+    if stage1:
+        source = AutoModel.from_pretrained(tmp_path / "stage1").qformer.state_dict()
+        bridge_state = model.model.bridge.state_dict()
+        assert bridge_state.keys() <= source.keys()
+        for name, tensor in bridge_state.items():
+            torch.testing.assert_close(tensor, source[name], rtol=0, atol=0, msg=name)
