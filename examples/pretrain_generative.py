@@ -20,7 +20,13 @@ from vlbridge.data import chat_vocabulary, make_synthetic_image_text
 from vlbridge.modeling.modeling_qformer_pretraining import load_qformer_into_vlm
 from vlbridge.trainers import CaptionCollator, evaluate_generation
 from vlbridge.trainers.distributed import close_process_group
-from vlbridge.trainers.scripts import VLMModelArguments, finish_training, load_model_and_processor, parse_with_preset
+from vlbridge.trainers.scripts import (
+    VLMModelArguments,
+    finish_training,
+    load_model_and_processor,
+    parse_with_preset,
+    train_language_model_on_text,
+)
 
 
 @dataclass
@@ -43,6 +49,10 @@ class Stage2Arguments:
     prompt: str = field(default="", metadata={"help": "Text between the image and the caption, without loss."})
     max_length: int | None = field(default=None, metadata={"help": "Longest sequence in tokens; None never cuts."})
     eval_max_new_tokens: int = field(default=20, metadata={"help": "Most tokens generated per held-out caption."})
+    lm_text_steps: int = field(
+        default=0, metadata={"help": "First train the language model alone on the captions' text for this many steps."}
+    )
+    lm_text_learning_rate: float = field(default=3e-3, metadata={"help": "Learning rate of that text-only run."})
 
 
 def hand_off_stage1(model, checkpoint: str) -> None:
@@ -79,6 +89,16 @@ def main(argv: list[str] | None = None) -> dict:
         splits, image_size=data_args.image_size, seed=data_args.data_seed_value,
         captions_per_image=data_args.captions_per_image, max_objects=data_args.max_objects,
     )  # fmt: skip
+    if stage2_args.lm_text_steps > 0:
+        # BLIP-2 starts from a pretrained LM; a tiny LM built in code must first learn the captions' language.
+        text_args = TrainingArguments(
+            output_dir=f"{training_args.output_dir}/lm-text", max_steps=stage2_args.lm_text_steps,
+            learning_rate=stage2_args.lm_text_learning_rate, per_device_train_batch_size=32, logging_steps=10,
+            save_strategy="no", report_to="none", use_cpu=training_args.use_cpu, seed=training_args.seed,
+            disable_tqdm=training_args.disable_tqdm,
+        )  # fmt: skip
+        loss = train_language_model_on_text(model, processor.tokenizer, data["train"]["caption"], text_args)
+        print(f"language model on the captions' text: loss {loss:.3f}")
     # The collator reads the raw image / caption columns, so the Trainer must keep them.
     collator = CaptionCollator.from_model(
         model, processor, prompt=stage2_args.prompt, max_length=stage2_args.max_length

@@ -101,3 +101,33 @@ def test_pretrain_generative_example_trains_evaluates_and_takes_a_stage1_qformer
         assert bridge_state.keys() <= source.keys()
         for name, tensor in bridge_state.items():
             torch.testing.assert_close(tensor, source[name], rtol=0, atol=0, msg=name)
+
+
+def test_language_model_text_warm_up_trains_only_the_language_model(tmp_path):
+    import torch
+    from transformers import TrainingArguments
+
+    from vlbridge.data import chat_vocabulary, make_synthetic_image_text
+    from vlbridge.trainers.scripts import VLMModelArguments, load_model_and_processor, train_language_model_on_text
+
+    torch.manual_seed(0)
+    model, processor = load_model_and_processor(VLMModelArguments(freeze="align"), chat_vocabulary())
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    captions = make_synthetic_image_text({"train": 64}, image_size=32, captions_per_image=1)["train"]["caption"]
+    args = TrainingArguments(
+        str(tmp_path), max_steps=30, learning_rate=3e-3, per_device_train_batch_size=16, logging_steps=5,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    loss = train_language_model_on_text(model, processor.tokenizer, captions, args)
+    assert loss < 0.6 * torch.log(torch.tensor(float(len(processor.tokenizer)))).item()  # far below uniform
+    for name, parameter in model.named_parameters():
+        assert parameter.requires_grad == trainable[name], name  # the caller's freezing stage is back
+    assert not any(
+        not torch.equal(p, before[n])
+        for n, p in model.named_parameters()
+        if n.startswith(("model.bridge.", "model.vision_tower."))
+    )
+    assert any(
+        not torch.equal(p, before[n]) for n, p in model.named_parameters() if n.startswith("model.language_model.")
+    )

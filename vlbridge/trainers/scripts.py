@@ -115,3 +115,35 @@ def finish_training(trainer, result, processor, output_dir: str) -> dict:
         processor.save_pretrained(output_dir)
         print(f"final train loss {metrics['final_loss']:.4f} (mean over the run {metrics['train_loss']:.4f})")
     return metrics
+
+
+def train_language_model_on_text(model, tokenizer, texts: list[str], args) -> float:
+    """
+    Trains the VLM's language model (and its head) alone on plain text, no images, with the HF `Trainer`: BLIP-2's
+    stage 2 expects an LM that already speaks the captions' language, and the tiny LM built in code does not.
+
+    Args:
+        model ([`BridgeVLMForConditionalGeneration`]): Its `language_model` and `lm_head` train; nothing else does.
+        tokenizer ([`PreTrainedTokenizerBase`]): Adds BOS / EOS as the model's captions have them.
+        texts (`list[str]`): The text (e.g. every training caption).
+        args ([`~transformers.TrainingArguments`]): The run (`max_steps`, `learning_rate`, batch size, ...).
+
+    Returns:
+        `float`: The mean training loss of the last logged steps.
+    """
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer
+
+    eos = tokenizer.eos_token or ""
+    data = Dataset.from_dict({"text": [f"{text} {eos}".strip() for text in texts]})
+    data = data.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
+    trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(("model.language_model.", "lm_head.")))
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    trainer.train()
+    for name, parameter in model.named_parameters():  # back to the freezing stage the caller chose
+        parameter.requires_grad_(trainable[name])
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return sum(losses[-3:]) / max(len(losses[-3:]), 1)
