@@ -3,6 +3,11 @@
     # built-in captions, a tiny VLM built in code (a few minutes on 2 CPU cores)
     python examples/pretrain_generative.py --config examples/configs/pretrain_generative_builtin.yaml
 
+    # BLIP-2's hand-off: the VLM is built around the vision tower and Q-Former of a stage-1 run (image size and
+    # normalisation come with it), then --lm_text_steps teaches the tiny LM the captions' language first
+    python examples/pretrain_generative.py --config examples/configs/pretrain_generative_builtin.yaml \
+        --from_stage1 outputs/stage1-builtin --lm_text_steps 300 --image_size 48 --max_objects 2
+
     # start the bridge from a stage-1 Q-Former saved by examples/pretrain_qformer.py (its sizes must match the
     # VLM's bridge: build such a VLM, save it with its processor and pass it with --model_name_or_path)
     python examples/pretrain_generative.py --config examples/configs/pretrain_generative_builtin.yaml \
@@ -14,9 +19,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments
 
-from vlbridge.data import chat_vocabulary, make_synthetic_image_text
+from vlbridge import BridgeProcessor
+from vlbridge.cli import tiny_text_config
+from vlbridge.data import build_word_tokenizer, chat_vocabulary, make_synthetic_image_text
+from vlbridge.modeling.from_pretrained_parts import vlm_from_stage1
 from vlbridge.modeling.modeling_qformer_pretraining import load_qformer_into_vlm
 from vlbridge.trainers import CaptionCollator, evaluate_generation
 from vlbridge.trainers.distributed import close_process_group
@@ -46,6 +54,13 @@ class Stage2Arguments:
     stage1_checkpoint: str | None = field(
         default=None, metadata={"help": "A saved QFormerForImageTextPretraining whose Q-Former starts the bridge."}
     )
+    from_stage1: str | None = field(
+        default=None,
+        metadata={
+            "help": "A stage-1 output directory (examples/pretrain_qformer.py): build the VLM around its vision "
+            "tower, Q-Former and image processor, with the tiny language model."
+        },
+    )
     prompt: str = field(default="", metadata={"help": "Text between the image and the caption, without loss."})
     max_length: int | None = field(default=None, metadata={"help": "Longest sequence in tokens; None never cuts."})
     eval_max_new_tokens: int = field(default=20, metadata={"help": "Most tokens generated per held-out caption."})
@@ -67,6 +82,15 @@ def hand_off_stage1(model, checkpoint: str) -> None:
         ) from error
 
 
+def vlm_around_stage1(directory: str):
+    """The stage-1 vision tower and Q-Former with a fresh tiny LM, the stage-1 image processor and a tokenizer over
+    the chat words (BLIP-2's stage 2 reads the features its Q-Former was trained on)."""
+    tokenizer = build_word_tokenizer(chat_vocabulary())
+    model = vlm_from_stage1(directory, tiny_text_config(tokenizer), image_token_id=tokenizer.image_token_id)
+    image_processor = AutoImageProcessor.from_pretrained(directory)
+    return model, BridgeProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((CaptionDataArguments, Stage2Arguments, VLMModelArguments, TrainingArguments))
     # BLIP-2 stage 2 trains only the bridge and the projection, also without a preset.
@@ -79,7 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     # Model, processor & data
     ################
     # chat_vocabulary covers the captions and the words of the chat template evaluate_generation renders.
-    model, processor = load_model_and_processor(model_args, chat_vocabulary())
+    if stage2_args.from_stage1 is not None:
+        model, processor = vlm_around_stage1(stage2_args.from_stage1)
+        model.freeze(model_args.freeze)
+    else:
+        model, processor = load_model_and_processor(model_args, chat_vocabulary())
     if stage2_args.stage1_checkpoint is not None:
         hand_off_stage1(model, stage2_args.stage1_checkpoint)
     splits = {"train": data_args.num_train_images}

@@ -62,7 +62,7 @@ def test_pretrain_qformer_example_runs_on_builtin_and_local_data(tmp_path, datas
     assert AutoModel.from_pretrained(tmp_path / "out").config.model_type == "vlbridge_qformer_pretraining"
 
 
-@pytest.mark.parametrize("stage1", [False, True])
+@pytest.mark.parametrize("stage1", [None, "bridge", "around"])
 def test_pretrain_generative_example_trains_evaluates_and_takes_a_stage1_qformer(tmp_path, stage1):
     import torch
 
@@ -89,7 +89,16 @@ def test_pretrain_generative_example_trains_evaluates_and_takes_a_stage1_qformer
         )
         QFormerForImageTextPretraining(config).save_pretrained(tmp_path / "stage1")
         # "language-model" freezes the bridge, so after training it must still hold exactly the stage-1 weights.
-        argv += ["--stage1_checkpoint", str(tmp_path / "stage1"), "--freeze", "language-model"]
+        argv += ["--freeze", "language-model"]
+        if stage1 == "bridge":
+            argv += ["--stage1_checkpoint", str(tmp_path / "stage1")]
+        else:  # the VLM built around the stage-1 ViT, Q-Former and image processor
+            from transformers import CLIPImageProcessor
+
+            CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+                tmp_path / "stage1"
+            )
+            argv += ["--from_stage1", str(tmp_path / "stage1"), "--lm_text_steps", "2"]
     metrics = load_example("pretrain_generative").main(argv)
     assert math.isfinite(metrics["train_loss"]) and "cider" in metrics and "bleu4" in metrics, metrics
 
@@ -101,6 +110,10 @@ def test_pretrain_generative_example_trains_evaluates_and_takes_a_stage1_qformer
         assert bridge_state.keys() <= source.keys()
         for name, tensor in bridge_state.items():
             torch.testing.assert_close(tensor, source[name], rtol=0, atol=0, msg=name)
+    if stage1 == "around":
+        vision = AutoModel.from_pretrained(tmp_path / "stage1").vision_tower.state_dict()
+        for name, tensor in model.model.vision_tower.state_dict().items():
+            torch.testing.assert_close(tensor, vision[name], rtol=0, atol=0, msg=name)
 
 
 def test_language_model_text_warm_up_trains_only_the_language_model(tmp_path):

@@ -24,14 +24,21 @@ TINY_BRIDGES = {
 }  # fmt: skip
 
 
+def tiny_text_config(tokenizer) -> dict:
+    """The demo's language model: a 2-layer Llama of width 64 over `tokenizer`'s vocabulary."""
+    return {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+    }  # fmt: skip
+
+
 def _tiny_vlm(bridge: str, tokenizer) -> BridgeVLMForConditionalGeneration:
     config = BridgeVLMConfig(
         vision_config={"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
                        "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
         bridge_config=TINY_BRIDGES[bridge],
-        text_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        text_config=tiny_text_config(tokenizer),
         image_token_id=tokenizer.image_token_id,
     )  # fmt: skip
     return BridgeVLMForConditionalGeneration(config)

@@ -98,3 +98,39 @@ def from_vision_text_pretrained(
     model.tie_weights()
     logger.info(f"Built a VLM from {vision_path} (vision) and {text_path} (language); the bridge is new.")
     return model
+
+
+def vlm_from_stage1(stage1, text_config, image_token_id: int, **config_kwargs):
+    """
+    A stage-2 [`BridgeVLMForConditionalGeneration`] around a stage-1 model's vision tower and Q-Former (BLIP-2's
+    hand-off: the Q-Former reads the features it was trained on), with a language model built from `text_config`.
+    The Q-Former's text branch is dropped (`use_text_input=False`), as in BLIP-2's stage 2.
+
+    Args:
+        stage1 ([`QFormerForImageTextPretraining`] or `str`): The stage-1 model or its directory.
+        text_config (`dict` or [`PretrainedConfig`]): The language model's config (a fresh, randomly initialised LM).
+        image_token_id (`int`): Id of the image placeholder token in the language model's tokenizer.
+        config_kwargs: Other [`BridgeVLMConfig`] arguments.
+
+    Example:
+
+    ```python
+    >>> text_config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 64}  # doctest: +SKIP
+    >>> vlm = vlm_from_stage1("outputs/stage1-builtin", text_config, image_token_id=4)  # doctest: +SKIP
+    ```
+    """
+    from .modeling_bridge_vlm import BridgeVLMForConditionalGeneration
+    from .modeling_qformer_pretraining import QFormerForImageTextPretraining, load_qformer_into_vlm
+
+    if isinstance(stage1, (str, os.PathLike)):
+        stage1 = QFormerForImageTextPretraining.from_pretrained(stage1)
+    bridge_config = {**stage1.config.qformer_config.to_dict(), "use_text_input": False}
+    config = BridgeVLMConfig(
+        vision_config=stage1.config.vision_config.to_dict(),
+        bridge_config=bridge_config,
+        text_config=text_config,
+        image_token_id=image_token_id,
+        vision_feature_layer=getattr(stage1.config, "vision_feature_layer", None),
+        **config_kwargs,
+    )
+    return load_qformer_into_vlm(BridgeVLMForConditionalGeneration(config), stage1, include_vision_tower=True)
