@@ -442,11 +442,7 @@ class BridgeProcessor(ProcessorMixin):
         del out["qformer_input_ids"], out["qformer_attention_mask"]
         if instructions:
             tensors = "pt" if hasattr(out.get("input_ids"), "shape") else None
-            encoding = self.qformer_tokenizer(
-                instructions, padding=True, return_attention_mask=True, return_token_type_ids=False,
-                return_tensors=tensors,
-            )  # fmt: skip
-            out["qformer_input_ids"], out["qformer_attention_mask"] = encoding["input_ids"], encoding["attention_mask"]
+            out.update(self.encode_qformer_text(instructions, padding=True, return_tensors=tensors))
         return out
 
     def qformer_instructions(self, messages: list[dict]) -> list[str]:
@@ -473,28 +469,33 @@ class BridgeProcessor(ProcessorMixin):
                 text = " ".join(
                     entry["text"] for entry in content if entry.get("type") == "text" and entry.get("text")
                 )
-            texts += [self._qformer_text(text)] * count
+            texts += [self.qformer_text(text)] * count
         return texts
 
     # ----------------------------------------------------------------------------------------------------------------
     # Q-Former text
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _qformer_text(self, sample: str) -> str:
+    def qformer_text(self, sample: str) -> str:
         """The text without image placeholders and language-model special tokens (BOS, EOS, ...)."""
         removed = {self.image_token, *self.tokenizer.all_special_tokens}
         pattern = "|".join(re.escape(token) for token in sorted(removed, key=len, reverse=True) if token)
         return re.sub(r"[ \t]+", " ", re.sub(pattern, " ", sample)).strip()
 
-    def _qformer_inputs(self, text: list[str], text_kwargs: dict) -> dict[str, list]:
-        shared = ("padding", "truncation", "max_length", "pad_to_multiple_of")
+    def encode_qformer_text(self, texts: list[str], **tokenizer_kwargs) -> dict:
+        """`qformer_input_ids` / `qformer_attention_mask` of `texts` (already cleaned by `qformer_text`), from the
+        Q-Former tokenizer with `tokenizer_kwargs` (`padding`, `truncation`, `max_length`, `return_tensors`, ...)."""
         encoding = self.qformer_tokenizer(
-            [self._qformer_text(sample) for sample in text],
-            return_attention_mask=True,
-            return_token_type_ids=False,
-            **{key: text_kwargs[key] for key in shared if key in text_kwargs},
+            texts, return_attention_mask=True, return_token_type_ids=False, **tokenizer_kwargs
         )
         return {"qformer_input_ids": encoding["input_ids"], "qformer_attention_mask": encoding["attention_mask"]}
+
+    def _qformer_inputs(self, text: list[str], text_kwargs: dict) -> dict[str, list]:
+        shared = ("padding", "truncation", "max_length", "pad_to_multiple_of")
+        return self.encode_qformer_text(
+            [self.qformer_text(sample) for sample in text],
+            **{key: text_kwargs[key] for key in shared if key in text_kwargs},
+        )
 
 
 __all__ = ["BridgeProcessor", "default_chat_template"]

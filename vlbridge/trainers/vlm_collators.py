@@ -158,20 +158,9 @@ class _VLMCollator:
     def _qformer_inputs(self, instructions: list[str]) -> dict[str, torch.Tensor]:
         """One Q-Former row per image (the model takes them as they are when they match the image count)."""
         truncate = self.qformer_max_length is not None
-        encoding = self.processor.qformer_tokenizer(
-            instructions,
-            padding=True,
-            truncation=truncate,
-            max_length=self.qformer_max_length,
-            return_attention_mask=True,
-            return_token_type_ids=False,
-            return_tensors="pt",
+        return self.processor.encode_qformer_text(
+            instructions, padding=True, truncation=truncate, max_length=self.qformer_max_length, return_tensors="pt"
         )
-        return {"qformer_input_ids": encoding["input_ids"], "qformer_attention_mask": encoding["attention_mask"]}
-
-    def _clean_instruction(self, text: str) -> str:
-        """Q-Former text: no image placeholders, single spaces."""
-        return re.sub(r"\s+", " ", text.replace(self.processor.image_token, " ")).strip()
 
     def _append_eos(self, ids: list[int]) -> list[int]:
         eos = self.processor.tokenizer.eos_token_id
@@ -270,7 +259,7 @@ class CaptionCollator(_VLMCollator):
             pixel_values, examples = self._encoder_decoder(images, captions, prompt)
         else:
             pixel_values, examples = self._decoder_only(images, captions, prompt)
-        return self._batch(examples, pixel_values, [self._clean_instruction(prompt)] * len(rows))
+        return self._batch(examples, pixel_values, [self.processor.qformer_text(prompt)] * len(rows))
 
     def _image(self, row: dict[str, Any], index: int):
         image = row[self.image_column]
