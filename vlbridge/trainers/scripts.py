@@ -138,12 +138,14 @@ def train_language_model_on_text(model, tokenizer, texts: list[str], args) -> fl
     data = Dataset.from_dict({"text": [f"{text} {eos}".strip() for text in texts]})
     data = data.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
     trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith(("model.language_model.", "lm_head.")))
+    frozen_vision_tower = getattr(model, "_frozen_vision_tower", False)
+    model.freeze("language-model")
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
     trainer.train()
-    for name, parameter in model.named_parameters():  # back to the freezing stage the caller chose
+    # Back to the freezing the caller chose (whatever stage, or none, set it).
+    for name, parameter in model.named_parameters():
         parameter.requires_grad_(trainable[name])
+    model._frozen_vision_tower = frozen_vision_tower
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return sum(losses[-3:]) / max(len(losses[-3:]), 1)
