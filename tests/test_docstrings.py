@@ -24,6 +24,7 @@ MODULES = [
     "vlbridge.trainers.vlm_collators",
     "vlbridge.trainers.generative_eval",
     "vlbridge.trainers.scripts",
+    "vlbridge.metrics.metric_info",
 ]
 
 

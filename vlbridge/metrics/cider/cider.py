@@ -1,10 +1,10 @@
 """CIDEr-D for captioning as an `evaluate` metric, loaded offline from its folder (`vlbridge.metrics.load_metric`)."""
 
-import datasets
 import evaluate
 
 # `evaluate.load` copies this file into its module cache and imports it from there, so the package import is absolute.
 from vlbridge.metrics.caption_metrics import cider_d
+from vlbridge.metrics.metric_info import text_with_references_info
 
 
 _DESCRIPTION = """
@@ -55,17 +55,7 @@ class Cider(evaluate.Metric):
     """Corpus CIDEr-D of generated captions against several references per image."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Value("string"),
-                    "references": datasets.Sequence(datasets.Value("string")),
-                }
-            ),
-        )
+        return text_with_references_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION)
 
     def _compute(self, predictions, references, tokenize=True) -> dict[str, float]:
         return {"cider": cider_d(predictions, references, tokenize=tokenize)}

@@ -1,10 +1,10 @@
 """VQAv2 accuracy as an `evaluate` metric, loaded offline from its folder (`vlbridge.metrics.load_metric`)."""
 
-import datasets
 import evaluate
 
 # `evaluate.load` copies this file into its module cache and imports it from there, so the package import is absolute.
 from vlbridge.metrics.caption_metrics import vqa_accuracy
+from vlbridge.metrics.metric_info import text_with_references_info
 
 
 _DESCRIPTION = """
@@ -48,17 +48,7 @@ class VqaAccuracy(evaluate.Metric):
     """VQAv2 accuracy of predicted answers against the human answers of each question."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Value("string"),
-                    "references": datasets.Sequence(datasets.Value("string")),
-                }
-            ),
-        )
+        return text_with_references_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION)
 
     def _compute(self, predictions, references) -> dict[str, float]:
         return {"vqa_accuracy": vqa_accuracy(predictions, references)}
