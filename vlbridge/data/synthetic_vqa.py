@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from .local import _chat_features
 from .synthetic import (
     CELL_NAMES,
     COLOURS,
@@ -293,11 +294,10 @@ def vqa_features() -> Features:
 def chat_features() -> Features:
     """The `datasets.Features` of `make_synthetic_chat` splits (see its docstring for what each column holds)."""
     datasets = require_datasets()
-    string = datasets.Value("string")
-    # Image entries store `text` as None: Arrow gives every entry of a list the same fields.
-    message = {"role": string, "content": datasets.List({"type": string, "text": string})}
-    columns = {"images": datasets.List(datasets.Image()), "messages": datasets.List(message)}
-    columns.update(turn_types=datasets.List(string), image_id=datasets.Value("int64"))
+    # The chat schema of the local loaders; image entries store `text` as None (Arrow gives every entry of a list
+    # the same fields).
+    columns = dict(_chat_features())
+    columns.update(turn_types=datasets.List(datasets.Value("string")), image_id=datasets.Value("int64"))
     columns.update(objects=synthetic_features()["objects"])
     return datasets.Features(columns)
 
