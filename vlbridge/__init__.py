@@ -1,12 +1,12 @@
 """vlbridge: vision-language models whose vision encoder reaches the language model through a learned bridge.
 
 Importing the package registers its configs, models and processor with the transformers Auto classes
-(`AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor`).
+(`AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor`, `AutoImageProcessor`).
 """
 
 __version__ = "0.1.0"
 
-from transformers import AutoProcessor
+from transformers import AutoImageProcessor, AutoProcessor
 
 from .configuration import (
     BridgeVLMConfig,
@@ -27,12 +27,16 @@ from .modeling import (
     QFormerPretrainingOutput,
     load_qformer_into_vlm,
 )
-from .processing import BridgeProcessor
+from .processing import BridgeAnyResImageProcessor, BridgeProcessor
 
 
 AutoProcessor.register(BridgeVLMConfig, BridgeProcessor, exist_ok=True)
+AutoImageProcessor.register(
+    BridgeVLMConfig, image_processor_classes={"pil": BridgeAnyResImageProcessor}, exist_ok=True
+)
 
 __all__ = [
+    "BridgeAnyResImageProcessor",
     "BridgeModelOutput",
     "BridgeProcessor",
     "BridgeVLMConfig",

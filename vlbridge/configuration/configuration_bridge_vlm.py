@@ -52,6 +52,17 @@ class BridgeVLMConfig(PreTrainedConfig):
             InstructBLIP mode: the instruction (`qformer_input_ids`) also enters the Q-Former.
         num_image_tokens (`int`, *optional*):
             Derived: placeholder tokens per image (per tile with any-res).
+        image_grid_pinpoints (`list[list[int]]`, *optional*):
+            Turns on any-res (BLIP-3 / LLaVA-NeXT): the candidate canvases `[height, width]` of
+            [`BridgeAnyResImageProcessor`], the same list (multiples of the vision tower's `image_size`). Each image
+            then arrives as `(max_tiles, C, H, W)` tiles plus its `image_sizes`; the model counts its real tiles (the
+            base view and `rows x columns` tiles of its best-fit canvas), runs each one through the vision tower and
+            the bridge on its own, and puts the `num_image_tokens` tokens of each tile, in order, into the image's
+            placeholders. Padding tiles never reach the text. None (default) is single-view processing.
+        anyres_mask_padding (`bool`, *optional*, defaults to `True`):
+            With any-res, hide from the bridge the image features whose patch lies wholly in the black padding of the
+            canvas (BLIP-3's "anyres patch sampling" mask), for bridges that take a feature mask (Q-Former,
+            Perceiver); a tile that is all padding stays unmasked. The MLP projector ignores feature masks.
         tie_word_embeddings (`bool`, *optional*):
             Tie the LM head to the input embeddings; defaults to the text config's choice.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -88,6 +99,8 @@ class BridgeVLMConfig(PreTrainedConfig):
     vision_num_prefix_tokens: int | None = None
     use_qformer_text_input: bool = False
     num_image_tokens: int | None = None
+    image_grid_pinpoints: list[list[int]] | None = None
+    anyres_mask_padding: bool = True
     tie_word_embeddings: bool | None = None
     initializer_range: float = 0.02
 
@@ -111,6 +124,34 @@ class BridgeVLMConfig(PreTrainedConfig):
                 "set bridge_config drop_cls_token=False."
             )
         self.num_image_tokens = self.bridge_config.num_output_tokens(self._num_vision_tokens())
+        if self.image_grid_pinpoints is not None:
+            self._check_grid_pinpoints()
+
+    def _check_grid_pinpoints(self) -> None:
+        image_size = getattr(self.vision_config, "image_size", None)
+        if image_size is None or _as_pair(image_size)[0] != _as_pair(image_size)[1]:
+            raise ValueError(
+                f"Any-res (image_grid_pinpoints) cuts square tiles at the vision tower's input size, but vision tower "
+                f"'{self.vision_config.model_type}' has image_size={image_size!r}: use a tower with a square "
+                "`image_size`, or set image_grid_pinpoints=None."
+            )
+        tile = _as_pair(image_size)[0]
+        pinpoints = [[int(value) for value in pinpoint] for pinpoint in self.image_grid_pinpoints]
+        bad = [pinpoint for pinpoint in pinpoints if len(pinpoint) != 2 or pinpoint[0] % tile or pinpoint[1] % tile]
+        if not pinpoints or bad:
+            raise ValueError(
+                f"image_grid_pinpoints must be a non-empty list of [height, width] multiples of the vision tower's "
+                f"image_size {tile}, got {self.image_grid_pinpoints!r}: build them with "
+                f"vlbridge.processing.grid_pinpoints_from_grids({tile})."
+            )
+        self.image_grid_pinpoints = pinpoints
+
+    @property
+    def anyres_tile_size(self) -> int | None:
+        """Side of an any-res tile in pixels (the vision tower's `image_size`), or None without any-res."""
+        if self.image_grid_pinpoints is None:
+            return None
+        return _as_pair(self.vision_config.image_size)[0]
 
     @property
     def vision_hidden_size(self) -> int:

@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput, logging
 
 from ..configuration import BridgeVLMConfig
 from ..trainers.freezing import FreezingMixin
+from .anyres import AnyResTiles, expand_images_for_generation, images_per_sample
 from .bridge_utils import vision_tower_features
 from .from_pretrained_parts import from_vision_text_pretrained
 from .hub import push_to_hub_with_processor
@@ -27,7 +28,9 @@ from .hub import push_to_hub_with_processor
 logger = logging.get_logger(__name__)
 
 # Keyword arguments that carry images; they are consumed when the prompt is encoded and never re-sent while decoding.
-IMAGE_INPUT_KEYS = ("pixel_values", "image_attention_mask", "qformer_input_ids", "qformer_attention_mask")
+IMAGE_INPUT_KEYS = (
+    "pixel_values", "image_sizes", "image_attention_mask", "qformer_input_ids", "qformer_attention_mask"
+)  # fmt: skip
 
 
 @dataclass
@@ -47,7 +50,7 @@ class BridgeVLMModelOutput(ModelOutput):
         encoder_last_hidden_state (`torch.FloatTensor`, *optional*):
             Encoder output, for an encoder-decoder language model.
         image_hidden_states (`torch.FloatTensor` of shape `(num_images, num_image_tokens, hidden_size)`, *optional*):
-            The projected bridge tokens scattered into the `<image>` positions.
+            The projected bridge tokens scattered into the `<image>` positions (one row per real tile with any-res).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -165,6 +168,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         image_attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.FloatTensor:
         """
@@ -172,19 +176,50 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`):
-                Images, as the processor returns them.
+                Images, as the processor returns them. Any-res (`config.image_grid_pinpoints`): `(num_images,
+                max_tiles, num_channels, height, width)` from [`BridgeAnyResImageProcessor`], with `image_sizes`;
+                each real tile (base view first) goes through the vision tower and the bridge on its own, and
+                padding tiles are dropped.
             image_attention_mask (`torch.Tensor` of shape `(num_images, num_features)`, *optional*):
-                Which image features are real (padded features are masked out in the bridge).
+                Which image features are real (padded features are masked out in the bridge). Not with any-res,
+                where the model builds the tiles' masks itself (`config.anyres_mask_padding`).
             qformer_input_ids (`torch.LongTensor` of shape `(num_images, text_length)`, *optional*):
-                InstructBLIP mode: the instruction, tokenized for the Q-Former, one row per image.
+                InstructBLIP mode: the instruction, tokenized for the Q-Former, one row per image (any-res: per image
+                or per tile).
             qformer_attention_mask (`torch.Tensor` of shape `(num_images, text_length)`, *optional*):
                 Padding mask of `qformer_input_ids`.
+            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+                Any-res only: each image's original `(height, width)`, from which its tile count is derived.
 
         Returns:
             `torch.FloatTensor` of shape `(num_images, num_image_tokens, embed_dim)`, in the language projection's
-            dtype.
+            dtype; with any-res `(num_real_tiles, num_image_tokens, embed_dim)`, tiles image after image, so that an
+            image's tokens are the concatenation of its tiles'.
         """
+        tiles = None
+        if pixel_values.dim() == 5:
+            if image_attention_mask is not None:
+                raise ValueError(
+                    "image_attention_mask is not taken with any-res pixel_values: the model masks padding tiles and "
+                    "padded features itself from image_sizes (config.anyres_mask_padding)."
+                )
+            tiles = AnyResTiles.from_inputs(self.config, pixel_values, image_sizes)
+            pixel_values = tiles.select(pixel_values)  # (num_real_tiles, C, H, W)
+            qformer_input_ids = tiles.per_tile(qformer_input_ids)
+            qformer_attention_mask = tiles.per_tile(qformer_attention_mask)
+        elif image_sizes is not None:
+            raise ValueError(
+                "image_sizes goes with any-res pixel_values of shape (num_images, max_tiles, C, H, W), got "
+                f"{tuple(pixel_values.shape)}: drop image_sizes, or use BridgeAnyResImageProcessor."
+            )
         image_embeds = self._vision_features(pixel_values)  # (num_images, P, Dv)
+        if tiles is not None and self.config.anyres_mask_padding:
+            image_attention_mask = tiles.feature_mask(
+                image_embeds.shape[1],
+                getattr(self.config.vision_config, "patch_size", None),
+                self.config.vision_num_prefix_tokens,
+                image_embeds.device,
+            )  # (num_real_tiles, P) or None
         bridge_kwargs = {}
         if self.config.use_qformer_text_input:
             if qformer_input_ids is None:
@@ -200,9 +235,15 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         projection_dtype = self.language_projection.weight.dtype
         return self.language_projection(image_tokens.to(projection_dtype))  # (num_images, N, Dt)
 
-    def _per_image_qformer_inputs(self, input_ids, qformer_input_ids, qformer_attention_mask):
-        """The processor gives one Q-Former text per sample; each of a sample's images gets that sample's text."""
+    def _per_image_qformer_inputs(self, input_ids, qformer_input_ids, qformer_attention_mask, num_anyres_images=None):
+        """The processor gives one Q-Former text per sample; each of a sample's images gets that sample's text.
+
+        With any-res the unit is the tile (each takes `num_image_tokens` tokens), so per-sample rows become per-tile
+        rows here; rows already per image (`num_anyres_images` of them) are spread over tiles in `get_image_features`.
+        """
         if qformer_input_ids is None or input_ids is None:
+            return qformer_input_ids, qformer_attention_mask
+        if num_anyres_images is not None and qformer_input_ids.shape[0] == num_anyres_images:
             return qformer_input_ids, qformer_attention_mask
         images_per_sample = (input_ids == self.config.image_token_id).sum(-1) // self.config.num_image_tokens
         if int(images_per_sample.sum()) == qformer_input_ids.shape[0]:
@@ -220,13 +261,14 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         image_attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
         """
         Embeds `input_ids` and scatters the image tokens into the `<image>` placeholder positions.
 
         Returns:
             `(inputs_embeds, image_features)`: `(batch_size, sequence_length, embed_dim)` and
-            `(num_images, num_image_tokens, embed_dim)` (None without images).
+            `(num_images, num_image_tokens, embed_dim)` (any-res: `(num_real_tiles, ...)`; None without images).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -240,19 +282,21 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
                     "pass the images to the processor together with the text."
                 )
             return inputs_embeds, None
+        anyres_images = pixel_values.shape[0] if pixel_values.dim() == 5 else None
         qformer_input_ids, qformer_attention_mask = self._per_image_qformer_inputs(
-            input_ids, qformer_input_ids, qformer_attention_mask
+            input_ids, qformer_input_ids, qformer_attention_mask, anyres_images
         )
         image_features = self.get_image_features(
-            pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask
+            pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes=image_sizes
         )
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         num_tokens, num_features = int(placeholder_mask.sum()), image_features.shape[0] * image_features.shape[1]
         if num_tokens != num_features:
             # The wording "Image features and image tokens do not match" is what TRL looks for to add its own hint.
+            units = "image(s)" if anyres_images is None else f"tiles of the {anyres_images} any-res image(s)"
             raise ValueError(
                 f"Image features and image tokens do not match: the text holds {num_tokens} image tokens, the "
-                f"{image_features.shape[0]} image(s) give {num_features} ({image_features.shape[1]} each). Build "
+                f"{image_features.shape[0]} {units} give {num_features} ({image_features.shape[1]} each). Build "
                 "inputs with BridgeProcessor (one <image> per image, expanded for you) and never truncate them."
             )
         mask = placeholder_mask.unsqueeze(-1).expand_as(inputs_embeds)
@@ -276,6 +320,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         image_attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
@@ -290,7 +335,10 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
                 Token ids in which every image is a run of `config.num_image_tokens` `<image>` tokens.
             pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, *optional*):
-                The images, in the order their placeholders appear in the batch.
+                The images, in the order their placeholders appear in the batch; any number per sample (zero
+                included). Any-res: `(num_images, max_tiles, num_channels, height, width)`, with `image_sizes`.
+            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+                Any-res only: each image's original `(height, width)` (see [`BridgeAnyResImageProcessor`]).
             qformer_input_ids, qformer_attention_mask (*optional*):
                 InstructBLIP mode only: the instruction tokenized for the Q-Former, one row per sample or per image.
             decoder_input_ids, decoder_attention_mask, encoder_outputs (*optional*):
@@ -302,7 +350,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
             if input_ids is not None or inputs_embeds is not None:
                 inputs_embeds, image_features = self.merge_image_tokens(
                     input_ids, inputs_embeds, pixel_values, image_attention_mask,
-                    qformer_input_ids, qformer_attention_mask,
+                    qformer_input_ids, qformer_attention_mask, image_sizes,
                 )  # fmt: skip
         lm_kwargs = dict(
             attention_mask=attention_mask,
@@ -481,6 +529,7 @@ class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixi
         image_attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         **kwargs,
@@ -508,6 +557,7 @@ class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixi
             image_attention_mask=image_attention_mask,
             qformer_input_ids=qformer_input_ids,
             qformer_attention_mask=qformer_attention_mask,
+            image_sizes=image_sizes,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -562,6 +612,30 @@ class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixi
             for key in IMAGE_INPUT_KEYS:
                 model_inputs.pop(key, None)
         return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beam search / num_return_sequences repeat each sample; its images must follow it as a group (the generic
+        # per-row repeat_interleave would give a two-image sample's copies the images [a, a] and [b, b]).
+        pixel_values = model_kwargs.get("pixel_values")
+        if expand_size == 1 or pixel_values is None or input_ids is None:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        num_images, per_tile = pixel_values.shape[0], self.config.num_image_tokens
+        per_image = {
+            key: model_kwargs.pop(key)
+            for key in IMAGE_INPUT_KEYS
+            if isinstance(model_kwargs.get(key), torch.Tensor) and model_kwargs[key].shape[0] == num_images
+        }
+        if pixel_values.dim() == 5:
+            tiles = AnyResTiles.from_inputs(self.config, pixel_values, per_image.get("image_sizes"))
+            tokens_per_image = [count * per_tile for count in tiles.num_tiles]
+        else:
+            tokens_per_image = [per_tile] * num_images
+        counts = images_per_sample(input_ids, self.config.image_token_id, tokens_per_image)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs.update(expand_images_for_generation(per_image, counts, expand_size))
+        return input_ids, model_kwargs
 
     def _prepare_text_encoder_decoder_kwargs_for_generation(
         self, inputs_tensor, model_kwargs, model_input_name, generation_config

@@ -94,7 +94,13 @@ class BridgeProcessor(ProcessorMixin):
     Images are matched to the `image_token` placeholders in reading order: `pixel_values` holds every image of the
     batch, sample after sample, shape `(total_images, channels, height, width)`. Pass `images` as one list per text
     (`[[img_a, img_b], [], [img_c]]`) to have the count checked sample by sample, or as a flat list to have only the
-    total checked. `images=None` processes text alone.
+    total checked. `images=None` processes text alone. Any number of images per sample works, anywhere in the text
+    (interleaved), zero included.
+
+    Any-res: with an image processor that tiles ([`BridgeAnyResImageProcessor`], or any with `image_grid_pinpoints`
+    and `get_number_of_image_patches`), `pixel_values` are `(total_images, max_tiles, channels, height, width)`, the
+    output also holds `image_sizes`, and each image's placeholder is expanded into its own count: its tiles (base view
+    included) x `num_image_tokens`, which the model derives the same way from `image_sizes`.
 
     Padding follows `padding_side=` when passed, else the tokenizer's `padding_side` (use left padding for batched
     generation with a decoder-only language model). Text that already starts with the tokenizer's BOS, as the default
@@ -128,8 +134,8 @@ class BridgeProcessor(ProcessorMixin):
             The image placeholder. Defaults to the tokenizer's `image_token` attribute if it has one, else
             `"<image>"`.
         num_image_tokens (`int`, *optional*, defaults to 32):
-            Tokens each image takes in `input_ids`: `BridgeVLMConfig.num_image_tokens`, i.e. the bridge's output
-            length (Q-Former queries, Perceiver latents, or MLP-projected patches).
+            Tokens each image (each tile, with any-res) takes in `input_ids`: `BridgeVLMConfig.num_image_tokens`, i.e.
+            the bridge's output length (Q-Former queries, Perceiver latents, or MLP-projected patches).
 
     Example:
 
@@ -237,15 +243,43 @@ class BridgeProcessor(ProcessorMixin):
             names += ["qformer_input_ids", "qformer_attention_mask"]
         return names
 
+    @property
+    def is_anyres(self) -> bool:
+        """Whether the image processor tiles images (any-res), so each image takes its own number of tokens."""
+        image_processor = self.image_processor
+        return getattr(image_processor, "image_grid_pinpoints", None) is not None and hasattr(
+            image_processor, "get_number_of_image_patches"
+        )
+
+    def num_tiles(self, image_sizes, images_kwargs: dict | None = None) -> list[int]:
+        """
+        Tiles (any-res: base view included; otherwise 1) of images of `image_sizes` `[(height, width), ...]`; each
+        takes `num_tiles * num_image_tokens` placeholder tokens.
+        """
+        sizes = [tuple(int(value) for value in size) for size in image_sizes]
+        if not self.is_anyres:
+            return [1] * len(sizes)
+        count = self.image_processor.get_number_of_image_patches
+        return [count(height, width, images_kwargs) for height, width in sizes]
+
+    def _image_token_counts(self, image_inputs: dict, num_images: int, images_kwargs: dict | None = None) -> list[int]:
+        """Image tokens of each processed image: `num_image_tokens`, times the image's tiles with any-res."""
+        image_sizes = image_inputs.get("image_sizes")
+        tiles = self.num_tiles(image_sizes, images_kwargs) if image_sizes is not None else [1] * num_images
+        return [count * self.num_image_tokens for count in tiles]
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        """The text that stands for image `image_idx`: `num_image_tokens` copies of `image_token`."""
-        return self.image_token * self.num_image_tokens
+        """The text that stands for image `image_idx`: `num_image_tokens` copies of `image_token`, times the image's
+        tiles with any-res (from `image_inputs["image_sizes"]`)."""
+        counts = self._image_token_counts(image_inputs, image_idx + 1, kwargs.get("images_kwargs"))
+        return self.image_token * counts[image_idx]
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
         if image_sizes is None:
             return MultiModalData()
+        tiles = self.num_tiles(image_sizes, kwargs.get("images_kwargs"))
         return MultiModalData(
-            num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+            num_image_tokens=[count * self.num_image_tokens for count in tiles], num_image_patches=tiles
         )
 
     def __call__(
@@ -296,10 +330,11 @@ class BridgeProcessor(ProcessorMixin):
             data.update(self.image_processor(flat_images, **merged["images_kwargs"]))
         if text is not None:
             placeholders = self._check_placeholders(text, len(flat_images), images_per_sample)
-            replacements = [self.replace_image_token(data, image_idx=i) for i in range(len(flat_images))]
+            tokens = self._image_token_counts(data, len(flat_images), merged["images_kwargs"])
+            replacements = [self.image_token * count for count in tokens]
             expanded, replacement_offsets = self.get_text_with_replacements(list(text), replacements)
             text_inputs = self.tokenizer(expanded, **text_kwargs)
-            self._check_image_tokens_kept(expanded, text_inputs["input_ids"], placeholders, text_kwargs)
+            self._check_image_tokens_kept(expanded, text_inputs["input_ids"], placeholders, text_kwargs, tokens)
             data.update(text_inputs)
             if return_replacement_offsets:
                 data["text_replacement_offsets"] = replacement_offsets
@@ -384,8 +419,13 @@ class BridgeProcessor(ProcessorMixin):
             "image), or pass as many images as placeholders."
         )
 
-    def _check_image_tokens_kept(self, expanded: list[str], input_ids, placeholders: list[int], text_kwargs) -> None:
-        """Raise if tokenization (in practice, truncation) did not keep every image token of every sample."""
+    def _check_image_tokens_kept(
+        self, expanded: list[str], input_ids, placeholders: list[int], text_kwargs, tokens_per_image: list[int]
+    ) -> None:
+        """Raise if tokenization (in practice, truncation) did not keep every image token of every sample.
+
+        `tokens_per_image` are the image tokens each image was expanded into, in placeholder order."""
+        starts = [sum(placeholders[:i]) for i in range(len(placeholders))]
         if len(input_ids) != len(expanded):
             raise ValueError(
                 f"Got {len(input_ids)} tokenized rows for {len(expanded)} texts: {type(self).__name__} does not "
@@ -393,18 +433,20 @@ class BridgeProcessor(ProcessorMixin):
             )
         for i, (ids, count) in enumerate(zip(input_ids, placeholders)):
             kept = list(ids).count(self.image_token_id)
-            expected = count * self.num_image_tokens
+            expected = sum(tokens_per_image[starts[i] : starts[i] + count])
             if kept == expected:
                 continue
             if kept < expected and text_kwargs.get("truncation") not in (None, False, "do_not_truncate"):
-                raise ValueError(self._truncation_error(i, expanded[i], kept, expected, text_kwargs))
+                raise ValueError(self._truncation_error(i, expanded[i], kept, expected, count, text_kwargs))
             raise ValueError(
                 f"Sample {i} holds {kept} image tokens (id {self.image_token_id}) after tokenization, but its "
                 f"{count} image(s) need exactly {expected}. Make sure the tokenizer encodes {self.image_token!r} as "
                 "one special token, and do not write image tokens into the text other than one placeholder per image."
             )
 
-    def _truncation_error(self, index: int, expanded: str, kept: int, expected: int, text_kwargs) -> str:
+    def _truncation_error(
+        self, index: int, expanded: str, kept: int, expected: int, num_images: int, text_kwargs
+    ) -> str:
         tokenizer = self.tokenizer
         content = tokenizer(expanded, add_special_tokens=False)["input_ids"]
         specials = tokenizer.num_special_tokens_to_add() if text_kwargs.get("add_special_tokens", True) else 0
@@ -414,11 +456,12 @@ class BridgeProcessor(ProcessorMixin):
         else:
             needed, cut, shorten = positions[-1] + 1 + specials, "end", "before its last image"
         max_length = text_kwargs.get("max_length") or tokenizer.model_max_length
-        num_images = expected // self.num_image_tokens
+        tiled = expected != num_images * self.num_image_tokens
+        per_image = "tiled, any-res" if tiled else f"x {self.num_image_tokens}"
         return (
             f"Truncating to max_length={max_length} would cut the image tokens of sample {index}: truncation "
             f"(truncation_side={tokenizer.truncation_side!r}) removes tokens from the {cut} and would keep {kept} of "
-            f"its {expected} image tokens ({num_images} image(s) x {self.num_image_tokens}). Pass "
+            f"its {expected} image tokens ({num_images} image(s) {per_image}). Pass "
             f"max_length>={needed} to keep every image whole, shorten the text {shorten}, or pass truncation=False."
         )
 

@@ -10,6 +10,10 @@ the same token (OPT, Llama without a pad token) still gets its final EOS trained
 (that would misalign `pixel_values` with the `<image>` tokens) and never leaves a sample with nothing to learn: both
 raise with the `max_length` that works. Every other truncation is counted in `num_truncated` and warned about once.
 
+Images go into `pixel_values` in placeholder order. With an any-res processor ([`BridgeAnyResImageProcessor`]) the
+batch also carries `image_sizes`, and each image takes its own number of `<image>` tokens (its tiles x the bridge's
+tokens per tile); `from_model` checks that the processor tiles exactly as the model counts.
+
 With the HF [`Trainer`], pass `remove_unused_columns=False`: the collators read the raw `image` / `images` /
 `messages` columns, which the model's `forward` does not name.
 """
@@ -30,6 +34,8 @@ from .collators import _as_rgb
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
+# Processor outputs that carry images (any-res adds `image_sizes`); a batch holds each one the processor gave.
+IMAGE_KEYS = ("pixel_values", "image_sizes")
 
 
 @dataclass
@@ -68,7 +74,8 @@ class _VLMCollator:
     def from_model(cls, model, processor, **kwargs):
         """
         Build the collator for `model`: `is_encoder_decoder` comes from its config, and the processor is checked to
-        expand each image into as many tokens, with the same id, as the model expects.
+        expand each image into as many tokens, with the same id, as the model expects (and, with any-res, to tile
+        images with the model's `image_grid_pinpoints` and tile size).
 
         Args:
             model ([`BridgeVLMForConditionalGeneration`]): The model to train (or its [`BridgeVLMConfig`]).
@@ -84,6 +91,7 @@ class _VLMCollator:
                 "processor with num_image_tokens=config.num_image_tokens and the tokenizer whose image token is "
                 "config.image_token_id."
             )
+        _check_anyres(config, processor)
         return cls(processor, is_encoder_decoder=bool(config.is_encoder_decoder), **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +146,7 @@ class _VLMCollator:
         length = self._padded_length(rows)
         return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)  # (B, T)
 
-    def _batch(self, examples: list[_Example], pixel_values, instructions: list[str]) -> dict[str, torch.Tensor]:
+    def _batch(self, examples: list[_Example], image_inputs: dict, instructions: list[str]) -> dict[str, torch.Tensor]:
         examples = [self._truncate(i, example) for i, example in enumerate(examples)]
         tokenizer = self.processor.tokenizer
         # Any id does for padding: positions, not ids, keep it out of attention and loss.
@@ -149,8 +157,9 @@ class _VLMCollator:
             "attention_mask": self._pad([[1] * len(ids) for ids in input_ids], 0),
             "labels": self._pad([example.labels for example in examples], IGNORE_INDEX),
         }
-        if pixel_values is not None:
-            batch["pixel_values"] = pixel_values  # (num_images, C, H, W), in placeholder order
+        # pixel_values (num_images, C, H, W) in placeholder order; any-res: (num_images, max_tiles, C, H, W) and
+        # image_sizes (num_images, 2).
+        batch.update({key: image_inputs[key] for key in IMAGE_KEYS if image_inputs.get(key) is not None})
         if self.processor.qformer_tokenizer is not None and instructions:
             batch.update(self._qformer_inputs(instructions))
         return batch
@@ -256,10 +265,10 @@ class CaptionCollator(_VLMCollator):
         captions = [self._caption(row, i) for i, row in enumerate(rows)]
         prompt = self.prompt.strip()
         if self.is_encoder_decoder:
-            pixel_values, examples = self._encoder_decoder(images, captions, prompt)
+            image_inputs, examples = self._encoder_decoder(images, captions, prompt)
         else:
-            pixel_values, examples = self._decoder_only(images, captions, prompt)
-        return self._batch(examples, pixel_values, [self.processor.qformer_text(prompt)] * len(rows))
+            image_inputs, examples = self._decoder_only(images, captions, prompt)
+        return self._batch(examples, image_inputs, [self.processor.qformer_text(prompt)] * len(rows))
 
     def _image(self, row: dict[str, Any], index: int):
         image = row[self.image_column]
@@ -288,12 +297,12 @@ class CaptionCollator(_VLMCollator):
         out = self.processor(
             images=[[image] for image in images], text=texts, images_kwargs={"return_tensors": "pt"}, **kwargs
         )
-        return out["pixel_values"], out
+        return {key: out[key] for key in IMAGE_KEYS if key in out}, out
 
     def _decoder_only(self, images: list, captions: list[str], prompt: str):
         image_token, eos = self.processor.image_token, self.processor.tokenizer.eos_token_id
         texts = [" ".join(part for part in (image_token, prompt, caption) if part) for caption in captions]
-        pixel_values, out = self._process(
+        image_inputs, out = self._process(
             images, texts, return_offsets_mapping=True, return_text_replacement_offsets=True
         )
         examples = []
@@ -317,18 +326,18 @@ class CaptionCollator(_VLMCollator):
             else:
                 ids, labels = ids + [eos], labels + [eos]
             examples.append(_Example(ids, labels))
-        return pixel_values, examples
+        return image_inputs, examples
 
     def _encoder_decoder(self, images: list, captions: list[str], prompt: str):
         image_token = self.processor.image_token
         splits = [self._split(caption) if self.prefix_lm else ("", caption) for caption in captions]
         texts = [" ".join(part for part in (image_token, prompt, prefix) if part) for prefix, _ in splits]
-        pixel_values, out = self._process(images, texts)
+        image_inputs, out = self._process(images, texts)
         targets = self.processor.tokenizer([suffix for _, suffix in splits], add_special_tokens=False)["input_ids"]
         examples = [
             _Example(list(ids), self._append_eos(list(target))) for ids, target in zip(out["input_ids"], targets)
         ]
-        return pixel_values, examples
+        return image_inputs, examples
 
     def _split(self, caption: str) -> tuple[str, str]:
         """Prefix-LM split: the first k words (k uniform in [0, words - 1]) to the encoder, the rest to the decoder."""
@@ -354,8 +363,8 @@ class ChatCollator(_VLMCollator):
     everything before it, earlier answers as context. The conversation must end with an assistant turn.
 
     Images come from `images_column`, one per `{"type": "image"}` entry, in order; any number per sample (zero
-    included) works, since the processor checks the count sample by sample and the model takes images in placeholder
-    order.
+    included), in any message of any turn, works, since the processor checks the count sample by sample and the model
+    takes images in placeholder order.
 
     InstructBLIP models (a processor with a `qformer_tokenizer`): each image's Q-Former text is the text of the user
     message that holds the image (InstructBLIP's instruction), one row per image. In a multi-turn conversation that is
@@ -432,7 +441,7 @@ class ChatCollator(_VLMCollator):
             for i, (conversation, ids, mask) in enumerate(zip(conversations, out["input_ids"], out["assistant_masks"]))
         ]
         instructions = [text for messages in conversations for text in self.processor.qformer_instructions(messages)]
-        return self._batch(examples, out.get("pixel_values"), instructions)
+        return self._batch(examples, {key: out.get(key) for key in IMAGE_KEYS}, instructions)
 
     def _images(self, row: dict[str, Any]) -> list:
         images = row.get(self.images_column)
@@ -466,6 +475,31 @@ class ChatCollator(_VLMCollator):
         while start > 0 and mask[start - 1]:
             start -= 1
         return _Example(ids[:start], ids[start:end])
+
+
+def _check_anyres(config, processor) -> None:
+    """The processor must tile images (any-res) exactly as the model counts tiles, or not at all when it does not."""
+    model_pinpoints = getattr(config, "image_grid_pinpoints", None)
+    image_processor = processor.image_processor
+    anyres = getattr(processor, "is_anyres", False)
+    processor_pinpoints = getattr(image_processor, "image_grid_pinpoints", None) if anyres else None
+    if model_pinpoints is None and processor_pinpoints is None:
+        return
+    tile_size = getattr(getattr(image_processor, "size", None), "height", None)
+    if processor_pinpoints is None or model_pinpoints is None:
+        which = "the model" if processor_pinpoints is None else "the processor"
+        raise ValueError(
+            f"Only {which} uses any-res tiling: build the processor with BridgeAnyResImageProcessor("
+            "image_grid_pinpoints=config.image_grid_pinpoints) for an any-res model, and a single-view image "
+            "processor for a model with image_grid_pinpoints=None."
+        )
+    same_pinpoints = [list(p) for p in processor_pinpoints] == [list(p) for p in model_pinpoints]
+    if not same_pinpoints or tile_size != config.anyres_tile_size:
+        raise ValueError(
+            f"The processor tiles images with image_grid_pinpoints={processor_pinpoints} and tile size {tile_size}, "
+            f"the model counts tiles with {model_pinpoints} and {config.anyres_tile_size}: build the image processor "
+            "with the config's image_grid_pinpoints and size={'height': S, 'width': S}, S the vision image_size."
+        )
 
 
 __all__ = ["CaptionCollator", "ChatCollator"]
