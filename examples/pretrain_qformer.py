@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import CLIPImageProcessor, HfArgumentParser
 
-from vlbridge import QFormerForImageTextPretraining, QFormerPretrainingConfig
+from vlbridge import BridgeProcessor, QFormerForImageTextPretraining, QFormerPretrainingConfig
 from vlbridge.data import (
     build_word_tokenizer,
     caption_vocabulary,
@@ -32,9 +32,10 @@ from vlbridge.data import (
     load_image_text_jsonl,
     make_synthetic_image_text,
 )
+from vlbridge.modeling.hub import describe_checkpoint
 from vlbridge.trainers import ImageTextCollator, Stage1Config, Stage1Trainer, evaluate_stage1
 from vlbridge.trainers.distributed import close_process_group
-from vlbridge.trainers.scripts import parse_with_preset
+from vlbridge.trainers.scripts import describe_train_data, parse_with_preset
 
 
 @dataclass
@@ -159,6 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
         image_processor.save_pretrained(training_args.output_dir)
         metrics["train_seconds"] = trainer.state.log_history[-1].get("train_runtime")
         Path(training_args.output_dir, "stage1_metrics.json").write_text(json.dumps(metrics, indent=2))
+        # Self-describing checkpoint: processor + chat template, auto_map, and a card with the data and metrics.
+        source = "built-in scenes (make_synthetic_image_text)" if data_args.dataset == "builtin" else data_args.dataset
+        queries = model.config.qformer_config.num_query_tokens
+        describe_checkpoint(
+            training_args.output_dir, stage="stage1", metrics=metrics,
+            data=f"{describe_train_data(train)} Source: {source}; metrics on {len(held_out)} held-out images.",
+            processor=BridgeProcessor(image_processor, tokenizer, num_image_tokens=queries),
+        )  # fmt: skip
         print("| metric | value |\n|---|---|")
         for key, value in metrics.items():
             print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")

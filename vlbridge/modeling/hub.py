@@ -1,8 +1,27 @@
-"""One-commit sharing of a VLM with its processor and a model card that says what the checkpoint is."""
+"""Self-describing checkpoints (Auto-class `auto_map`, model card naming the stage, data and metrics) and one-commit
+sharing of a VLM with its processor.
+
+Why `auto_map`, when `import vlbridge` already registers every vlbridge `model_type` with the Auto classes: after that
+import, transformers resolves the registered classes and ignores `auto_map` (it prefers registered non-transformers
+classes to remote code). `auto_map` serves the processes that cannot run `import vlbridge` first (TRL's command line,
+`pipeline(...)` in someone else's script): with `trust_remote_code=True` they load the checkpoint through it.
+Pointing `auto_map` at the vlbridge classes by their package path would not work (transformers reads `module.Class`
+as a file in the checkpoint), and copying vlbridge's modeling files into every checkpoint would fork the code. So the
+checkpoint carries `vlbridge_auto.py`, a few import lines that re-export the installed vlbridge classes; without
+vlbridge installed, transformers' error names the missing package.
+
+A plain `save_pretrained` keeps `auto_map` in `config.json` but does not write `vlbridge_auto.py` (and in a process
+that loaded through `trust_remote_code`, transformers points `AutoConfig` at a copied vlbridge file): loading after
+`import vlbridge` is unaffected, and [`add_auto_map`], which every vlbridge save helper calls, puts both right.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
+from collections.abc import Mapping
+from numbers import Real
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -103,6 +122,7 @@ def push_to_hub_with_processor(
         model.save_pretrained(tmp_dir)
         if processor is not None:
             processor.save_pretrained(tmp_dir)  # processor config, tokenizer files, chat template
+        add_auto_map(tmp_dir)  # `trust_remote_code=True` loads it without `import vlbridge` (see the module docstring)
         build_model_card(model, repo_id, card_details, tags).save(Path(tmp_dir) / "README.md")
         return model._upload_modified_files(
             tmp_dir,
@@ -113,3 +133,374 @@ def push_to_hub_with_processor(
             create_pr=create_pr,
             revision=revision,
         )
+
+
+AUTO_MAP_FILE = "vlbridge_auto.py"
+# The Auto classes a vlbridge checkpoint can resolve through, most specific first: the card's usage snippet shows the
+# first one that gives the saved architecture.
+MODEL_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForPreTraining", "AutoModel")
+
+STAGES = {
+    "stage1": "BLIP-2 stage 1, representation pretraining: the Q-Former learns to read the vision tower against "
+    "captions (ITC + ITM + ITG).",
+    "stage2": "BLIP-2 stage 2, generative pretraining: the bridge learns to give the language model image tokens "
+    "it can caption from.",
+    "sft": "supervised fine-tuning on image-grounded chats (loss on the assistant's answers).",
+    "dpo": "preference optimisation (DPO) on chosen / rejected answers.",
+}
+
+PIPELINE_TAGS = {"vlbridge": "image-text-to-text", "vlbridge_qformer_pretraining": "zero-shot-image-classification"}
+
+_AUTO_MAP_MODULE = '''"""Written by vlbridge {version}. The `auto_map` in config.json points here, so that
+`trust_remote_code=True` loads this checkpoint in a process that has not run `import vlbridge`. There is no model
+code in this file: it re-exports the classes of the installed vlbridge package (pip install vlbridge)."""
+
+{imports}
+'''
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _exported_class(name: str) -> type | None:
+    """The class `vlbridge.<name>`, if the package exports one by that name."""
+    import vlbridge
+
+    candidate = getattr(vlbridge, name, None)
+    return candidate if isinstance(candidate, type) else None
+
+
+def auto_classes(output_dir: str | Path) -> dict[str, type]:
+    """
+    The vlbridge class each Auto class resolves the checkpoint in `output_dir` to once vlbridge is imported:
+    `AutoConfig`, the `AutoModel*` classes its config is registered with, and `AutoProcessor` when a vlbridge
+    processor is saved there. Empty for a checkpoint that is no vlbridge model (e.g. a PEFT adapter).
+
+    Args:
+        output_dir (`str` or `Path`): A saved checkpoint (`config.json`, optionally `processor_config.json`).
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from vlbridge import QFormerConfig
+    >>> from vlbridge.modeling.hub import auto_classes
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     QFormerConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp)
+    ...     {auto: cls.__name__ for auto, cls in auto_classes(tmp).items()}
+    {'AutoConfig': 'QFormerConfig', 'AutoModel': 'QFormerModel'}
+
+    ```"""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    folder = Path(output_dir)
+    try:
+        config_class = CONFIG_MAPPING[(_read_json(folder / "config.json") or {}).get("model_type")]
+    except KeyError:
+        return {}
+    if not config_class.__module__.startswith("vlbridge."):
+        return {}
+    classes = {"AutoConfig": config_class}
+    for name in ("AutoModel", "AutoModelForPreTraining", "AutoModelForImageTextToText"):
+        try:
+            model_class = getattr(transformers, name)._model_mapping[config_class]
+        except KeyError:
+            continue
+        if model_class.__module__.startswith("vlbridge."):
+            classes[name] = model_class
+    processor_class = _exported_class((_read_json(folder / "processor_config.json") or {}).get("processor_class", ""))
+    if processor_class is not None:
+        classes["AutoProcessor"] = processor_class
+    return classes
+
+
+def add_auto_map(output_dir: str | Path) -> dict[str, str]:
+    """
+    Writes `auto_map` into the checkpoint's `config.json`, pointing every Auto class of [`auto_classes`] at
+    `vlbridge_auto.py`, which it writes beside it: a few lines that import those classes from the installed vlbridge.
+    With `import vlbridge` the registered classes load the checkpoint and `auto_map` is not read; without it,
+    `trust_remote_code=True` loads it through `auto_map` (see the module docstring for why no model code is copied).
+
+    Args:
+        output_dir (`str` or `Path`): A checkpoint written by `save_pretrained`.
+
+    Returns:
+        `dict[str, str]`: The `auto_map` written (empty, and nothing written, for a checkpoint that is no vlbridge
+        model).
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from vlbridge import QFormerConfig
+    >>> from vlbridge.modeling.hub import add_auto_map
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     QFormerConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp)
+    ...     add_auto_map(tmp)
+    {'AutoConfig': 'vlbridge_auto.QFormerConfig', 'AutoModel': 'vlbridge_auto.QFormerModel'}
+
+    ```"""
+    from .. import __version__
+
+    folder = Path(output_dir)
+    classes = auto_classes(folder)
+    if not classes:
+        return {}
+    imports: dict[str, set[str]] = {}
+    for cls in classes.values():
+        module = "vlbridge" if _exported_class(cls.__name__) is cls else cls.__module__
+        imports.setdefault(module, set()).add(cls.__name__)
+    lines = "\n".join(f"from {module} import {', '.join(sorted(names))}" for module, names in sorted(imports.items()))
+    (folder / AUTO_MAP_FILE).write_text(_AUTO_MAP_MODULE.format(version=__version__, imports=lines))
+    auto_map = {auto: f"{Path(AUTO_MAP_FILE).stem}.{cls.__name__}" for auto, cls in classes.items()}
+    config = _read_json(folder / "config.json")
+    config["auto_map"] = auto_map
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return auto_map
+
+
+def _architecture(config: dict | None, adapter: dict | None) -> str:
+    """One sentence on what the checkpoint holds, from its saved config."""
+    if config is None:
+        base = (adapter or {}).get("base_model_name_or_path") or "a vlbridge model"
+        return f"A PEFT adapter (`{(adapter or {}).get('peft_type', 'unknown')}`) for `{base}`."
+    model_type = config.get("model_type")
+    vision = config.get("vision_config", {}).get("model_type")
+    if model_type == "vlbridge":
+        bridge = config["bridge_config"]["model_type"]
+        return (
+            f"A vision-language model: a `{vision}` vision tower linked to a `{config['text_config']['model_type']}` "
+            f"language model by a **{BRIDGE_NAMES.get(bridge, bridge)}** bridge "
+            f"({config.get('num_image_tokens')} image tokens per image)."
+        )
+    if model_type == "vlbridge_qformer_pretraining":
+        queries = config.get("qformer_config", {}).get("num_query_tokens")
+        return (
+            f"A BLIP-2 stage-1 model: a `{vision}` vision tower and a Q-Former ({queries} queries) with its text "
+            "branch and the ITC / ITM / ITG heads. Its vision tower and Q-Former start the stage-2 VLM "
+            "(`vlbridge.modeling.from_pretrained_parts.vlm_from_stage1`)."
+        )
+    if model_type in BRIDGE_NAMES:
+        return f"A {BRIDGE_NAMES[model_type]} bridge on its own, to drop into a vlbridge VLM."
+    return f"A `{model_type}` model."
+
+
+def _parameter_rows(folder: Path) -> str:
+    """`| part | parameters |` rows from the safetensors headers (no weights are read), parts by top-level name."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as weights:
+            for key in weights.keys():
+                parts = key.split(".")
+                part = parts[1] if parts[0] == "model" and len(parts) > 2 else parts[0]
+                counts[part] = counts.get(part, 0) + math.prod(weights.get_slice(key).get_shape())
+    if not counts:
+        return ""
+    order = ("vision_tower", "qformer", "bridge", "language_projection", "language_model", "lm_head")
+    parts = sorted(counts, key=lambda part: (order.index(part) if part in order else len(order), part))
+    rows = [f"| {part} | {counts[part]:,} |" for part in parts]
+    return "\n".join(["| part | parameters |", "| --- | --- |", *rows, f"| **total** | {sum(counts.values()):,} |"])
+
+
+def _usage(model_id: str, config: dict | None, classes: dict[str, type], adapter: dict | None) -> str:
+    architectures = (config or {}).get("architectures") or []
+    auto = next((name for name in MODEL_AUTO_CLASSES if name in classes and classes[name].__name__ in architectures),
+                "AutoModel")  # fmt: skip
+    if config is None and adapter is not None:
+        base = adapter.get("base_model_name_or_path") or "<base model>"
+        return (
+            "```python\nimport vlbridge\nfrom peft import PeftModel\nfrom transformers import "
+            f'AutoModelForImageTextToText\n\nbase = AutoModelForImageTextToText.from_pretrained("{base}")\n'
+            f'model = PeftModel.from_pretrained(base, "{model_id}")\n```'
+        )
+    processor = "AutoProcessor" in classes
+    lines = [
+        "import vlbridge  # registers the vlbridge classes with the transformers Auto classes",
+        f"from transformers import {auto}" + (", AutoProcessor" if processor else ""),
+        "",
+        f'model = {auto}.from_pretrained("{model_id}")',
+        *([f'processor = AutoProcessor.from_pretrained("{model_id}")'] if processor else []),
+    ]
+    remote = (
+        "\n\nWithout `import vlbridge` (vlbridge must still be installed), pass `trust_remote_code=True`: the "
+        f"`auto_map` in `config.json` points at `{AUTO_MAP_FILE}`, which only imports the installed vlbridge classes."
+    )
+    return "```python\n" + "\n".join(lines) + "\n```" + (remote if (config or {}).get("auto_map") else "")
+
+
+STAGE_CARD_TEMPLATE = """---
+{card_data}
+---
+
+# {title}
+
+**Training stage:** `{stage}`{stage_description}
+
+{architecture}
+
+## Data
+
+{data}
+
+## Metrics
+
+{metrics}
+
+{parameters}## How to load
+
+{usage}
+{extra}"""
+
+
+def _metric_table(metrics: Mapping[str, object] | None) -> str:
+    from ..report.tables import format_value
+
+    # Scalars and short strings only: sample lists and nested results belong in the run's own output.
+    rows = [
+        f"| {name} | {format_value(value)} |"
+        for name, value in (metrics or {}).items()
+        if value is None or isinstance(value, (Real, str))
+    ]
+    if not rows:
+        return "No metrics were measured by the run that saved this checkpoint."
+    return "Measured by the run that saved this checkpoint.\n\n| metric | value |\n| --- | --- |\n" + "\n".join(rows)
+
+
+def write_model_card(
+    output_dir: str | Path,
+    *,
+    stage: str,
+    data: str,
+    metrics: Mapping[str, object] | None,
+    base_models: str | list[str] | None = None,
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    extra: str = "",
+    model_id: str | None = None,
+) -> Path:
+    """
+    Writes `README.md` into a saved checkpoint: YAML front matter (`library_name: vlbridge`, tags, pipeline tag, base
+    models, datasets) and a body naming the training stage, the data and the measured metrics, the parts and their
+    parameter counts (read from the safetensors headers), and how to load it. Overwrites an existing `README.md`
+    (e.g. the one TRL's trainers write).
+
+    Args:
+        output_dir (`str` or `Path`):
+            The checkpoint folder (`config.json` and weights written by `save_pretrained`, or a PEFT adapter).
+        stage (`str`):
+            The training stage that produced it: `"stage1"`, `"stage2"`, `"sft"`, `"dpo"` (described in the card)
+            or any other name.
+        data (`str`):
+            What it was trained on, in words (markdown).
+        metrics (`dict[str, float]`):
+            Metric name -> value as measured by the run (`None` or NaN print as `n/a`; non-scalars are left out).
+        base_models (`str` or `list[str]`, *optional*):
+            Hub ids of the checkpoints it was built from (vision tower, language model, earlier stage).
+        datasets (`list[str]`, *optional*):
+            Hub ids of the training datasets, for the front matter (describe local data in `data`).
+        tags (`list[str]`, *optional*):
+            Extra Hub tags.
+        extra (`str`, *optional*):
+            Markdown appended at the end.
+        model_id (`str`, *optional*):
+            The name the usage snippet loads; defaults to `output_dir`.
+
+    Returns:
+        `Path`: The path of `README.md`.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from vlbridge import QFormerConfig
+    >>> from vlbridge.modeling.hub import write_model_card
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     QFormerConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp)
+    ...     card = write_model_card(tmp, stage="stage1", data="2,000 built-in scenes", metrics={"i2t_r1": 0.61})
+    ...     text = card.read_text()
+    >>> "library_name: vlbridge" in text, "**Training stage:** `stage1`" in text, "| i2t_r1 | 0.61 |" in text
+    (True, True, True)
+
+    ```"""
+    folder = Path(output_dir)
+    config = _read_json(folder / "config.json")
+    adapter = _read_json(folder / "adapter_config.json")
+    model_type = (config or {}).get("model_type")
+    bridge = (config or {}).get("bridge_config", {}).get("model_type")
+    card_data = ModelCardData(
+        library_name="vlbridge",
+        pipeline_tag=PIPELINE_TAGS.get(model_type, "feature-extraction" if model_type in BRIDGE_NAMES else None),
+        tags=list(dict.fromkeys(tag for tag in ("vlbridge", model_type, bridge, stage, *(tags or [])) if tag)),
+        base_model=base_models or None,
+        datasets=datasets or None,
+    )
+    parameters = _parameter_rows(folder)
+    text = STAGE_CARD_TEMPLATE.format(
+        card_data=card_data.to_yaml(),
+        title=folder.resolve().name,
+        stage=stage,
+        stage_description=f". {STAGES[stage]}" if stage in STAGES else ".",
+        architecture=_architecture(config, adapter),
+        data=data.strip() or "Not recorded.",
+        metrics=_metric_table(metrics),
+        parameters=f"## Parts\n\n{parameters}\n\n" if parameters else "",
+        usage=_usage(model_id or str(output_dir), config, auto_classes(folder), adapter),
+        extra=f"\n{extra.strip()}\n" if extra.strip() else "",
+    )
+    path = folder / "README.md"
+    path.write_text(text)
+    return path
+
+
+def describe_checkpoint(
+    output_dir: str | Path,
+    *,
+    stage: str,
+    data: str,
+    metrics: Mapping[str, object] | None = None,
+    processor=None,
+    base_models: str | list[str] | None = None,
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    extra: str = "",
+) -> Path:
+    """
+    Makes a checkpoint written by `save_pretrained` self-describing: saves `processor` (its files and chat template)
+    beside it when given, adds `auto_map` ([`add_auto_map`]) and writes the model card ([`write_model_card`]). Every
+    training stage calls this after saving (`finish_training`, `examples/pretrain_qformer.py`).
+
+    Args:
+        output_dir (`str` or `Path`): The checkpoint folder.
+        stage (`str`): The training stage (`"stage1"`, `"stage2"`, `"sft"`, `"dpo"`, ...).
+        data (`str`): What it was trained on, in words.
+        metrics (`dict[str, float]`, *optional*): The metrics the run measured.
+        processor ([`BridgeProcessor`], *optional*): Saved into `output_dir` first.
+        base_models, datasets, tags, extra: See [`write_model_card`].
+
+    Returns:
+        `Path`: The path of `README.md`.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from vlbridge import QFormerConfig
+    >>> from vlbridge.modeling.hub import describe_checkpoint
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     QFormerConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp)
+    ...     card = describe_checkpoint(tmp, stage="stage1", data="built-in scenes", metrics={"itm_accuracy": 0.9})
+    ...     sorted(path.name for path in card.parent.iterdir())
+    ['README.md', 'config.json', 'vlbridge_auto.py']
+
+    ```"""
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    add_auto_map(output_dir)
+    return write_model_card(
+        output_dir, stage=stage, data=data, metrics=metrics, base_models=base_models, datasets=datasets, tags=tags,
+        extra=extra,
+    )  # fmt: skip

@@ -106,13 +106,111 @@ def builtin_chat_dataset(args: ChatDataArguments):
     return data["train"].select_columns(["messages", "images"])
 
 
-def finish_training(trainer, result, processor, output_dir: str) -> dict:
-    """Save the model (on every process, which FSDP needs) and the processor, print and return the losses."""
+# What a Trainer, or its collator, says about the stage it runs (TRL trainers also tag themselves, `_tag_names`).
+_STAGE_HINTS = {
+    "Stage1Trainer": "stage1",
+    "DPOTrainer": "dpo",
+    "SFTTrainer": "sft",
+    "CaptionCollator": "stage2",
+    "ChatCollator": "sft",
+    "ImageTextCollator": "stage1",
+}
+
+
+def infer_stage(trainer) -> str:
+    """
+    The training stage a trainer runs, from its class, its collator's class or its TRL tags: `"stage1"`,
+    `"stage2"`, `"sft"`, `"dpo"`, or `"training"` when nothing says.
+
+    Example:
+
+    ```python
+    >>> from types import SimpleNamespace
+    >>> from vlbridge.trainers.scripts import infer_stage
+    >>> class CaptionCollator: ...
+    >>> infer_stage(SimpleNamespace(data_collator=CaptionCollator())), infer_stage(SimpleNamespace(_tag_names=["dpo"]))
+    ('stage2', 'dpo')
+
+    ```"""
+    classes = (*type(trainer).__mro__, *type(getattr(trainer, "data_collator", None)).__mro__)
+    for cls in classes:
+        if cls.__name__ in _STAGE_HINTS:
+            return _STAGE_HINTS[cls.__name__]
+    tags = getattr(trainer, "_tag_names", None) or []
+    return next((tag for tag in ("dpo", "sft") if tag in tags), "training")
+
+
+def describe_train_data(dataset) -> str:
+    """
+    The training data in words for the model card: size, columns and the dataset's own description, if any.
+
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> from vlbridge.trainers.scripts import describe_train_data
+    >>> describe_train_data(Dataset.from_dict({"image": [None] * 3, "caption": ["a", "b", "c"]}))
+    '3 training examples (columns: `image`, `caption`).'
+
+    ```"""
+    if dataset is None:
+        return "Not recorded."
+    try:
+        size = f"{len(dataset):,} training examples"
+    except TypeError:  # an iterable (streamed) dataset
+        size = "A streamed training set"
+    columns = getattr(dataset, "column_names", None)
+    text = f"{size} (columns: {', '.join(f'`{column}`' for column in columns)})." if columns else f"{size}."
+    description = getattr(getattr(dataset, "info", None), "description", None)
+    return f"{text} {description.strip()}" if description and description.strip() else text
+
+
+def finish_training(
+    trainer,
+    result,
+    processor,
+    output_dir: str,
+    *,
+    stage: str | None = None,
+    data: str | None = None,
+    metrics: dict | None = None,
+    base_models: str | list[str] | None = None,
+) -> dict:
+    """
+    Saves the model (on every process, which FSDP needs), its processor and chat template, the `auto_map` and a model
+    card naming the stage, the data and the metrics ([`~vlbridge.modeling.hub.describe_checkpoint`]); prints and
+    returns the losses.
+
+    Args:
+        trainer ([`~transformers.Trainer`]): The trainer that has trained.
+        result ([`~transformers.trainer_utils.TrainOutput`]): What `trainer.train()` returned.
+        processor ([`BridgeProcessor`]): Saved beside the model.
+        output_dir (`str`): Where the checkpoint goes.
+        stage (`str`, *optional*): The training stage for the card; defaults to [`infer_stage`] (`"stage2"` for the
+            caption collator, `"sft"` for the chat collator or TRL's SFTTrainer, `"dpo"` for TRL's DPOTrainer, ...).
+        data (`str`, *optional*): The training data in words; defaults to [`describe_train_data`] of the trainer's
+            training set.
+        metrics (`dict`, *optional*): More metrics for the card (held-out scores); the training losses are always in.
+        base_models (`str` or `list[str]`, *optional*): Hub ids the model was built from, for the card.
+
+    Returns:
+        `dict`: `train_loss` (mean over the run) and `final_loss` (last logged), then `metrics`.
+
+    Example:
+
+    ```python
+    >>> metrics = finish_training(trainer, trainer.train(), processor, "outputs/sft")  # doctest: +SKIP
+    ```"""
+    from ..modeling.hub import describe_checkpoint
+
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    metrics = {"train_loss": result.training_loss, "final_loss": losses[-1] if losses else math.nan}
+    metrics = {"train_loss": result.training_loss, "final_loss": losses[-1] if losses else math.nan, **(metrics or {})}
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
-        processor.save_pretrained(output_dir)
+        describe_checkpoint(
+            output_dir, processor=processor, stage=stage or infer_stage(trainer),
+            data=data or describe_train_data(trainer.train_dataset), metrics=metrics, base_models=base_models,
+        )  # fmt: skip
         print(f"final train loss {metrics['final_loss']:.4f} (mean over the run {metrics['train_loss']:.4f})")
     return metrics
 

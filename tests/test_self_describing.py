@@ -1,0 +1,202 @@
+"""Self-describing checkpoints: whatever stage saved it, a checkpoint carries its config (`architectures`,
+`auto_map`), processor and chat template, and a model card naming the stage, the data and the metrics; it loads with
+the Auto classes in a fresh process after `import vlbridge`, and with `trust_remote_code=True` without that import."""
+
+import doctest
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny import EOS_ID, PAD_ID, VOCAB_SIZE, bridge_config, make_images, make_tokenizer, vision_config, vlm_config
+from transformers import CLIPImageProcessor, Trainer, TrainingArguments
+
+from vlbridge import BridgeProcessor, BridgeVLMForConditionalGeneration, QFormerForImageTextPretraining
+from vlbridge import QFormerPretrainingConfig as Stage1Config
+from vlbridge.data import make_synthetic_image_text
+from vlbridge.modeling.hub import AUTO_MAP_FILE, add_auto_map, describe_checkpoint, write_model_card
+from vlbridge.trainers import CaptionCollator
+from vlbridge.trainers.scripts import finish_training
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def image_processor(size: int = 32) -> CLIPImageProcessor:
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def save_stage1(folder) -> None:
+    """A tiny stage-1 model saved as examples/pretrain_qformer.py saves it, then described."""
+    torch.manual_seed(0)
+    config = Stage1Config(
+        vision_config=vision_config(), qformer_config=bridge_config("qformer"), embed_dim=16,
+        decoder_start_token_id=VOCAB_SIZE - 1, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+    )  # fmt: skip
+    model = QFormerForImageTextPretraining(config)
+    model.save_pretrained(folder)
+    processor = BridgeProcessor(image_processor(), make_tokenizer(), num_image_tokens=4)
+    describe_checkpoint(
+        folder, stage="stage1", data="32 built-in scenes.", metrics={"i2t_r1": 0.625, "samples": ["not a scalar"]},
+        processor=processor, base_models="someone/vit-tiny",
+    )  # fmt: skip
+
+
+def train_vlm(folder) -> tuple[dict, dict]:
+    """A tiny VLM trained 2 steps with the HF Trainer on built-in captions and saved by `finish_training`."""
+    torch.manual_seed(0)
+    model = BridgeVLMForConditionalGeneration(vlm_config("clip", "qformer", "llama"))
+    processor = BridgeProcessor(image_processor(), make_tokenizer(), num_image_tokens=model.config.num_image_tokens)
+    data = make_synthetic_image_text({"train": 8}, image_size=32, captions_per_image=1, max_objects=1)["train"]
+    args = TrainingArguments(
+        output_dir=str(folder / "run"), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
+    )  # fmt: skip
+    collator = CaptionCollator.from_model(model, processor)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    metrics = finish_training(trainer, trainer.train(), processor, str(folder / "vlm"), metrics={"cider": 0.25})
+    inputs = processor(images=make_images(1), text="<image> a red circle", return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        torch.save({"inputs": dict(inputs), "logits": model(**inputs).logits}, folder / "expected.pt")
+    return metrics, {"chat_template": processor.chat_template}
+
+
+def front_matter(card: str) -> str:
+    match = re.match(r"---\n(.*?)\n---\n", card, flags=re.S)
+    assert match, card[:300]
+    return match.group(1)
+
+
+def run_fresh(script: str, env: dict | None = None) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )  # fmt: skip
+    assert result.returncode == 0 and "FRESH-OK" in result.stdout, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("self_describing")
+    save_stage1(root / "stage1")
+    metrics, extra = train_vlm(root)
+    return root, metrics, extra
+
+
+def test_every_checkpoint_carries_config_processor_and_card(checkpoints):
+    root, metrics, saved = checkpoints
+    assert set(metrics) == {"train_loss", "final_loss", "cider"}
+    expected = {
+        "stage1": ("QFormerForImageTextPretraining", {"AutoConfig", "AutoModel", "AutoModelForPreTraining"}),
+        "vlm": ("BridgeVLMForConditionalGeneration", {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}),
+    }
+    for name, (architecture, auto_classes) in expected.items():
+        folder = root / name
+        config = json.loads((folder / "config.json").read_text())
+        assert config["architectures"] == [architecture]
+        assert set(config["auto_map"]) == auto_classes | {"AutoProcessor"}
+        assert all(ref.startswith("vlbridge_auto.") for ref in config["auto_map"].values())
+        shim = (folder / AUTO_MAP_FILE).read_text()
+        for ref in config["auto_map"].values():
+            assert re.search(rf"^from vlbridge import .*\b{ref.split('.')[1]}\b", shim, flags=re.M), (ref, shim)
+        for required in ("model.safetensors", "processor_config.json", "chat_template.jinja", "tokenizer.json"):
+            assert (folder / required).is_file(), (name, required)
+    assert (root / "vlm" / "chat_template.jinja").read_text() == saved["chat_template"]
+
+
+def test_model_cards_name_stage_data_and_metrics(checkpoints):
+    root, metrics, _ = checkpoints
+    card = (root / "stage1" / "README.md").read_text()
+    meta = front_matter(card)
+    assert "library_name: vlbridge" in meta and "pipeline_tag: zero-shot-image-classification" in meta
+    assert "- stage1" in meta and "base_model: someone/vit-tiny" in meta
+    assert "**Training stage:** `stage1`. BLIP-2 stage 1" in card and "32 built-in scenes." in card
+    assert "| i2t_r1 | 0.625 |" in card and "not a scalar" not in card
+    assert "| qformer |" in card and "AutoModelForPreTraining.from_pretrained(" in card
+
+    card = (root / "vlm" / "README.md").read_text()
+    meta = front_matter(card)
+    assert "pipeline_tag: image-text-to-text" in meta and "- stage2" in meta and "- vlbridge_qformer" in meta
+    # finish_training: the stage from the caption collator, the data from the training set, the losses and extras.
+    assert "**Training stage:** `stage2`. BLIP-2 stage 2" in card
+    assert "8 training examples (columns: `image`, `caption`" in card
+    assert f"| final_loss | {metrics['final_loss']:.4g} |" in card and "| cider | 0.25 |" in card
+    assert "AutoModelForImageTextToText.from_pretrained(" in card and "trust_remote_code=True" in card
+
+
+def test_loads_with_auto_classes_in_a_fresh_process_after_import(checkpoints):
+    root, _, _ = checkpoints
+    run_fresh(
+        f"""
+        import torch, vlbridge
+        from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+        stage1, vlm = {str(root / "stage1")!r}, {str(root / "vlm")!r}
+        assert type(AutoConfig.from_pretrained(stage1)).__name__ == "QFormerPretrainingConfig"
+        assert type(AutoModel.from_pretrained(stage1)).__name__ == "QFormerForImageTextPretraining"
+        assert type(AutoProcessor.from_pretrained(stage1)).__name__ == "BridgeProcessor"
+        assert type(AutoConfig.from_pretrained(vlm)).__name__ == "BridgeVLMConfig"
+        assert type(AutoModel.from_pretrained(vlm)).__name__ == "BridgeVLMModel"
+        model = AutoModelForImageTextToText.from_pretrained(vlm).eval()
+        processor = AutoProcessor.from_pretrained(vlm)
+        assert type(model).__name__ == "BridgeVLMForConditionalGeneration", type(model)
+        assert type(processor).__name__ == "BridgeProcessor" and "assistant" in processor.chat_template
+        saved = torch.load({str(root / "expected.pt")!r})
+        with torch.no_grad():
+            assert torch.equal(model(**saved["inputs"]).logits, saved["logits"])
+        print("FRESH-OK")
+        """
+    )
+
+
+def test_loads_through_auto_map_without_importing_vlbridge(checkpoints, tmp_path):
+    root, _, _ = checkpoints
+    run_fresh(
+        f"""
+        import sys
+        from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
+        stage1, vlm = {str(root / "stage1")!r}, {str(root / "vlm")!r}
+        assert "vlbridge" not in sys.modules
+        model = AutoModelForImageTextToText.from_pretrained(vlm, trust_remote_code=True)
+        assert type(model).__module__.startswith("vlbridge."), type(model)  # the installed package, not a copy
+        assert type(model).__name__ == "BridgeVLMForConditionalGeneration"
+        assert type(AutoProcessor.from_pretrained(vlm, trust_remote_code=True)).__name__ == "BridgeProcessor"
+        assert type(AutoModel.from_pretrained(stage1, trust_remote_code=True)).__name__ == (
+            "QFormerForImageTextPretraining"
+        )
+        print("FRESH-OK")
+        """,
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+
+
+def test_adapter_and_foreign_checkpoints_get_a_card_but_no_auto_map(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "b/m"}))
+    assert add_auto_map(tmp_path) == {}
+    card = write_model_card(tmp_path, stage="dpo", data="", metrics=None, datasets=["someone/prefs"]).read_text()
+    assert "PEFT adapter (`LORA`) for `b/m`" in card and "PeftModel.from_pretrained" in card
+    assert "- someone/prefs" in front_matter(card) and "preference optimisation (DPO)" in card
+    assert "No metrics were measured" in card and "Not recorded." in card
+    assert not (tmp_path / AUTO_MAP_FILE).exists()
+
+
+class MarkdownDocTestParser(doctest.DocTestParser):
+    """HF docstrings fence their examples in ```python ... ```; the fences are not expected output."""
+
+    def parse(self, string, name="<string>"):
+        return super().parse(re.sub(r"^[ \t]*```.*$", "", string, flags=re.M), name)
+
+
+def test_hub_docstring_examples():
+    module = importlib.import_module("vlbridge.modeling.hub")
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder(parser=MarkdownDocTestParser()).find(module, module.__name__):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.attempted > 0 and result.failed == 0
