@@ -28,6 +28,7 @@ from .modeling import (
     load_qformer_into_vlm,
 )
 from .processing import BridgeAnyResImageProcessor, BridgeProcessor
+from .trainers.lora import language_model_lora_config
 
 
 AutoProcessor.register(BridgeVLMConfig, BridgeProcessor, exist_ok=True)
@@ -52,5 +53,6 @@ __all__ = [
     "QFormerModel",
     "QFormerPretrainingConfig",
     "QFormerPretrainingOutput",
+    "language_model_lora_config",
     "load_qformer_into_vlm",
 ]

@@ -11,6 +11,8 @@ from .synthetic import (
     render_scene,
     sample_scene,
 )
+from .synthetic_multi import make_synthetic_multi_image, make_synthetic_small_objects, multi_image_vocabulary
+from .synthetic_preference import make_synthetic_preference, make_synthetic_safety_chat, preference_vocabulary
 from .synthetic_vqa import (
     chat_vocabulary,
     make_synthetic_chat,
@@ -37,8 +39,14 @@ __all__ = [
     "load_image_text_shards",
     "make_synthetic_chat",
     "make_synthetic_image_text",
+    "make_synthetic_multi_image",
+    "make_synthetic_preference",
+    "make_synthetic_safety_chat",
+    "make_synthetic_small_objects",
     "make_synthetic_vqa",
+    "multi_image_vocabulary",
     "normalize_messages",
+    "preference_vocabulary",
     "render_scene",
     "sample_scene",
     "to_messages",
