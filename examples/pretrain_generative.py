@@ -25,11 +25,14 @@ from vlbridge import BridgeProcessor
 from vlbridge.cli import tiny_text_config
 from vlbridge.data import build_word_tokenizer, chat_vocabulary, make_synthetic_image_text
 from vlbridge.modeling.from_pretrained_parts import vlm_from_stage1
+from vlbridge.modeling.hub import write_model_card
 from vlbridge.modeling.modeling_qformer_pretraining import load_qformer_into_vlm
 from vlbridge.trainers import CaptionCollator, evaluate_generation
 from vlbridge.trainers.distributed import close_process_group
 from vlbridge.trainers.scripts import (
     VLMModelArguments,
+    caption_context_texts,
+    describe_train_data,
     finish_training,
     load_model_and_processor,
     parse_with_preset,
@@ -68,6 +71,13 @@ class Stage2Arguments:
         default=0, metadata={"help": "First train the language model alone on the captions' text for this many steps."}
     )
     lm_text_learning_rate: float = field(default=3e-3, metadata={"help": "Learning rate of that text-only run."})
+    lm_text_context: bool = field(
+        default=True,
+        metadata={
+            "help": "Train that run on pairs of captions of one image ('caption </s> other caption'), so that the "
+            "LM learns to restate its context, which is how image tokens steer it once it is frozen."
+        },
+    )
 
 
 def hand_off_stage1(model, checkpoint: str) -> None:
@@ -125,7 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
             save_strategy="no", report_to="none", use_cpu=training_args.use_cpu, seed=training_args.seed,
             disable_tqdm=training_args.disable_tqdm,
         )  # fmt: skip
-        loss = train_language_model_on_text(model, processor.tokenizer, data["train"]["caption"], text_args)
+        texts = data["train"]["caption"]
+        if stage2_args.lm_text_context:
+            texts = caption_context_texts(texts, data["train"]["image_id"], processor.tokenizer.eos_token)
+        loss = train_language_model_on_text(model, processor.tokenizer, texts, text_args)
         print(f"language model on the captions' text: loss {loss:.3f}")
     # The collator reads the raw image / caption columns, so the Trainer must keep them.
     collator = CaptionCollator.from_model(
@@ -154,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{scores['bleu4']:.3f}")  # fmt: skip
         for sample in scores["samples"][:3]:
             print(f"  {sample['prediction']!r} <- {sample['references'][0]!r}")
+        write_model_card(training_args.output_dir, stage="stage2", metrics=metrics,
+                         data=describe_train_data(data["train"]))  # fmt: skip
     # Under accelerate / torchrun: every process waits here for the others, then the process group closes cleanly.
     del trainer, model
     close_process_group()

@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from vlbridge.data import chat_vocabulary
-from vlbridge.trainers import ChatCollator
+from vlbridge.data import chat_vocabulary, make_synthetic_vqa
+from vlbridge.modeling.hub import write_model_card
+from vlbridge.trainers import ChatCollator, evaluate_generation
 from vlbridge.trainers.distributed import close_process_group
 from vlbridge.trainers.scripts import (
     ChatDataArguments,
     VLMModelArguments,
     builtin_chat_dataset,
+    describe_train_data,
     finish_training,
     load_model_and_processor,
     parse_with_preset,
@@ -60,6 +62,25 @@ def main(argv: list[str] | None = None) -> dict:
     ################
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=collator)
     metrics = finish_training(trainer, trainer.train(), processor, training_args.output_dir)
+
+    ################
+    # Held-out VQA
+    ################
+    if data_args.num_eval_images > 0 and trainer.is_world_process_zero():
+        # The test split's scenes come from their own random stream, apart from the training chats'.
+        questions = make_synthetic_vqa(
+            {"test": data_args.num_eval_images}, image_size=data_args.image_size, seed=data_args.data_seed_value,
+            max_objects=data_args.max_objects,
+        )["test"]  # fmt: skip
+        scores = evaluate_generation(
+            trainer.model, processor, questions, task="vqa", max_new_tokens=8, progress=not training_args.disable_tqdm
+        )
+        metrics["vqa_accuracy"] = scores["vqa_accuracy"]
+        print(f"held-out VQA ({scores['num_examples']} questions): accuracy {scores['vqa_accuracy']:.3f}")
+        for kind, accuracy in sorted(scores.get("vqa_accuracy_per_type", {}).items()):
+            print(f"  {kind}: {accuracy:.3f}")
+        write_model_card(training_args.output_dir, stage="sft", metrics=metrics,
+                         data=describe_train_data(train))  # fmt: skip
     # Under accelerate / torchrun: every process waits here for the others, then the process group closes cleanly.
     del trainer, model
     close_process_group()
