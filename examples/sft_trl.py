@@ -16,47 +16,11 @@ whole; a shorter limit may cut them and misalign the images (see `tests/test_trl
     # two CPU processes (gloo); examples/accelerate/ has the GPU configs (DDP, FSDP)
     accelerate launch --config_file examples/accelerate/ddp_cpu.yaml examples/sft_trl.py \
         --config examples/configs/sft_trl_builtin.yaml
+
+The recipe lives in `vlbridge.recipes.sft_trl` (installed with the package); this script is its thin wrapper.
 """
 
-from __future__ import annotations
-
-import sys
-
-from transformers import HfArgumentParser
-from trl import SFTConfig, SFTTrainer
-
-from vlbridge.data import chat_vocabulary
-from vlbridge.trainers.distributed import close_process_group
-from vlbridge.trainers.scripts import (
-    ChatDataArguments,
-    VLMModelArguments,
-    builtin_chat_dataset,
-    finish_training,
-    load_model_and_processor,
-    parse_with_preset,
-)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ChatDataArguments, VLMModelArguments, SFTConfig))
-    data_args, model_args, training_args = parse_with_preset(parser, sys.argv[1:] if argv is None else argv)
-
-    ################
-    # Model, processor & data
-    ################
-    model, processor = load_model_and_processor(model_args, chat_vocabulary())
-    train = builtin_chat_dataset(data_args)
-
-    ################
-    # Training & save
-    ################
-    # TRL renders the chats with the processor's template and tokenizes them itself (SFTConfig.max_length).
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=processor)
-    metrics = finish_training(trainer, trainer.train(), processor, training_args.output_dir)
-    # Under accelerate / torchrun: every process waits here for the others, then the process group closes cleanly.
-    del trainer, model
-    close_process_group()
-    return metrics
+from vlbridge.recipes.sft_trl import main
 
 
 if __name__ == "__main__":

@@ -25,6 +25,14 @@ MODULES = [
     "vlbridge.trainers.generative_eval",
     "vlbridge.trainers.scripts",
     "vlbridge.metrics.metric_info",
+    "vlbridge.recipes.common",
+    "vlbridge.recipes.tiny",
+    "vlbridge.recipes.stage1",
+    "vlbridge.recipes.stage2",
+    "vlbridge.recipes.sft",
+    "vlbridge.recipes.demo",
+    "vlbridge.recipes.inference",
+    "vlbridge.cli",
 ]
 
 

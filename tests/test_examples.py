@@ -66,8 +66,8 @@ def test_pretrain_qformer_example_runs_on_builtin_and_local_data(tmp_path, datas
 def test_pretrain_generative_example_trains_evaluates_and_takes_a_stage1_qformer(tmp_path, stage1):
     import torch
 
-    from vlbridge.cli import TINY_BRIDGES
     from vlbridge.modeling import QFormerForImageTextPretraining, QFormerPretrainingConfig
+    from vlbridge.recipes.tiny import TINY_BRIDGES
 
     preset = EXAMPLES / "configs" / "pretrain_generative_builtin.yaml"
     argv = ["--config", str(preset), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--logging_steps", "1"]

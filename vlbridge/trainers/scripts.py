@@ -5,19 +5,21 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .freezing import FREEZE_STAGES
 
 
-# Mirrors `vlbridge.cli.TINY_BRIDGES`, which imports torch; kept here as names so the dataclass below stays light.
+# Mirrors `vlbridge.recipes.tiny.TINY_BRIDGES`, whose module imports the configs; names only keep this one light.
 BRIDGES = ("mlp", "perceiver", "qformer")
 
 
 def parse_with_preset(parser, argv: list[str]):
     """
     `parser.parse_args_into_dataclasses(argv)`, where `--config preset.yaml` gives defaults and every other flag
-    overrides them (TRL's `TrlParser` behaviour).
+    overrides them (TRL's `TrlParser` behaviour). `--config` takes a path or the name of a preset shipped with
+    vlbridge (`--config sft_builtin`, see [`~vlbridge.recipes.common.resolve_preset`]). When the arguments hold a
+    `seed` (TrainingArguments), `transformers.set_seed(seed)` runs before returning, so that the models the recipe
+    builds next are the same on every run.
 
     Args:
         parser ([`~transformers.HfArgumentParser`]): The script's parser.
@@ -38,13 +40,28 @@ def parse_with_preset(parser, argv: list[str]):
     """
     import yaml
 
+    from ..recipes.common import resolve_preset
+
+    argv = list(argv)
+    for at, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            argv[at : at + 1] = ["--config", arg.split("=", 1)[1]]
     if "--config" in argv:
         at = argv.index("--config")
-        preset = yaml.safe_load(Path(argv[at + 1]).read_text()) or {}
+        if at + 1 == len(argv):
+            parser.error("--config needs a YAML file or a preset name.")
+        preset = yaml.safe_load(resolve_preset(argv[at + 1]).read_text()) or {}
         # A YAML null cannot go through the command line ("--max_length=None" is no int): set it as a default.
         parser.set_defaults(**{key: value for key, value in preset.items() if value is None})
         argv = [f"--{key}={value}" for key, value in preset.items() if value is not None] + argv[:at] + argv[at + 2 :]
-    return parser.parse_args_into_dataclasses(argv)
+    parsed = parser.parse_args_into_dataclasses(argv)
+    # The recipes build their models before the Trainer seeds itself: seed now, or a recipe run is not repeatable.
+    seeds = [args.seed for args in parsed if isinstance(getattr(args, "seed", None), int)]
+    if seeds:
+        from transformers import set_seed
+
+        set_seed(seeds[-1])
+    return parsed
 
 
 @dataclass
@@ -63,7 +80,7 @@ class ChatDataArguments:
 
 @dataclass
 class VLMModelArguments:
-    """Which VLM the examples train: a saved checkpoint, or the tiny `vlbridge demo` VLM built in code."""
+    """Which VLM the recipes train: a saved checkpoint, or the tiny VLM built in code (`vlbridge.recipes.tiny`)."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved vlbridge checkpoint with its processor; unset builds a tiny VLM."}
@@ -77,21 +94,21 @@ class VLMModelArguments:
 
 
 def load_model_and_processor(args: VLMModelArguments, vocabulary: list[str]):
-    """The checkpoint at `args.model_name_or_path` with its processor, or the `vlbridge demo` VLM with a word-level
-    tokenizer over `vocabulary`; frozen as `args.freeze` says."""
+    """The checkpoint at `args.model_name_or_path` with its processor, or the tiny VLM of `vlbridge.recipes.tiny` with
+    a word-level tokenizer over `vocabulary`; frozen as `args.freeze` says."""
     from transformers import AutoProcessor, CLIPImageProcessor
 
-    from ..cli import _tiny_vlm
     from ..data import build_word_tokenizer
     from ..modeling import BridgeVLMForConditionalGeneration
     from ..processing import BridgeProcessor
+    from ..recipes.tiny import tiny_vlm
 
     if args.model_name_or_path is not None:
         model = BridgeVLMForConditionalGeneration.from_pretrained(args.model_name_or_path)
         processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     else:
         tokenizer = build_word_tokenizer(vocabulary)
-        model = _tiny_vlm(args.bridge, tokenizer)
+        model = tiny_vlm(args.bridge, tokenizer)
         size = model.config.vision_config.image_size
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         processor = BridgeProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
