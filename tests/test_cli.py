@@ -136,6 +136,20 @@ def test_caption_retrieve_and_eval_on_the_demo_checkpoints(fast_demo, tmp_path, 
     with pytest.raises(FileNotFoundError, match="merged/ folder"):
         main(["eval", str(output_dir / "dpo")])
 
+    # A YAML preset gives the options; a flag on the command line overrides it; an unknown key is refused.
+    config = tmp_path / "caption.yaml"
+    config.write_text("max_new_tokens: 2\nprompt: ''\n")
+    assert run_main(["caption", str(output_dir / "stage2"), paths[0], "--config", str(config)]) == 0
+    short = capsys.readouterr().out.split(": ", 1)[1].split()
+    assert len(short) <= 2
+    argv = ["caption", str(output_dir / "stage2"), paths[0], "--config", str(config), "--max_new_tokens", "4"]
+    assert run_main(argv) == 0
+    assert len(capsys.readouterr().out.split(": ", 1)[1].split()) >= len(short)
+    config.write_text("num_beams: 3\n")
+    with pytest.raises(SystemExit):
+        main(["caption", str(output_dir / "stage2"), paths[0], "--config", str(config)])
+    assert "does not take" in capsys.readouterr().err
+
 
 def test_training_commands_delegate_to_the_recipes(tmp_path, capsys):
     # No --config: the command's built-in preset; every flag overrides it.

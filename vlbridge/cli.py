@@ -11,7 +11,8 @@ The `vlbridge` command: a thin layer over the recipes (`vlbridge.recipes`) and t
     vlbridge convert path/to/blip2-checkpoint outputs/blip2-vlbridge
 
 The training commands take a YAML preset (`--config`: a path, or the name of a preset shipped in
-`vlbridge/recipes/presets/`) and any of its values as overrides (`--max_steps 100`).
+`vlbridge/recipes/presets/`) and any of its values as overrides (`--max_steps 100`); `caption`, `retrieve`, `eval`
+and `convert` take `--config FILE` too, a YAML of their own options, which flags on the command line override.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def _add_inference(commands) -> None:
     caption.add_argument("--prompt", default=None, help="Text after the image (default: none for stage 2, else "
                          "'describe the image.').")  # fmt: skip
     caption.add_argument("--max_new_tokens", type=int, default=30, help="Most tokens per caption.")
+    caption.add_argument("--config", default=None, help=CONFIG_HELP)
 
     retrieve = commands.add_parser(
         "retrieve", formatter_class=_HelpFormatter, help="Rank images against texts with a stage-1 checkpoint.",
@@ -126,6 +128,7 @@ def _add_inference(commands) -> None:
     retrieve.add_argument("--images", nargs="+", required=True, help="Image files.")
     retrieve.add_argument("--texts", nargs="+", required=True, help="Texts.")
     retrieve.add_argument("--top_k", type=int, default=3, help="Matches printed per query.")
+    retrieve.add_argument("--config", default=None, help=CONFIG_HELP)
 
     evaluate = commands.add_parser(
         "eval", formatter_class=_HelpFormatter, help="Score a checkpoint on the built-in held-out test split.",
@@ -139,6 +142,7 @@ def _add_inference(commands) -> None:
     evaluate.add_argument("--data_seed_value", type=int, default=0, help="Seed of the built-in data (as in training).")
     evaluate.add_argument("--max_objects", type=int, default=2, help="Most objects per scene (as in training).")
     evaluate.add_argument("--captions_per_image", type=int, default=5, help="Reference captions per image.")
+    evaluate.add_argument("--config", default=None, help=CONFIG_HELP)
 
     convert = commands.add_parser(
         "convert", formatter_class=_HelpFormatter, help="Convert a transformers BLIP-2 / InstructBLIP checkpoint.",
@@ -151,6 +155,31 @@ def _add_inference(commands) -> None:
     convert.add_argument("source", help="The transformers checkpoint (folder or Hub id).")
     convert.add_argument("destination", help="Where the converted model and processor are saved.")
     convert.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="Load dtype.")
+    convert.add_argument("--config", default=None, help=CONFIG_HELP)
+
+
+INFERENCE_COMMANDS = ("caption", "retrieve", "eval", "convert")
+CONFIG_HELP = "A YAML file of this command's options (keys are the flag names); flags on the command line override it."
+
+
+def _apply_yaml_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """For the inference commands: the options in `--config FILE` become the subcommand's defaults."""
+    if not argv or argv[0] not in INFERENCE_COMMANDS:
+        return
+    path = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
+    if path is None and "--config" in argv[:-1]:
+        path = argv[argv.index("--config") + 1]
+    if path is None:
+        return
+    import yaml
+
+    subparser = parser._subparsers._group_actions[0].choices[argv[0]]
+    options = {action.dest: action for action in subparser._actions if action.option_strings}
+    values = yaml.safe_load(open(path)) or {}
+    unknown = sorted(set(values) - set(options) - {"config"})
+    if unknown:
+        subparser.error(f"{path} sets {unknown}, which `vlbridge {argv[0]}` does not take ({sorted(options)}).")
+    subparser.set_defaults(**{key: value for key, value in values.items() if key != "config"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    _apply_yaml_config(parser, argv)
     args, rest = parser.parse_known_args(argv)
     if args.command in RECIPE_COMMANDS:
         module, preset, purpose, example = RECIPE_COMMANDS[args.command]
