@@ -39,8 +39,8 @@ def test_variants_differ_only_in_image_processing(example, tmp_path):
     train, questions = example.load_data(data_args)
     single = example.build_model(args, tokenizer, anyres=False, seed=0)
     anyres = example.build_model(args, tokenizer, anyres=True, seed=0)
-    assert single.config.image_grid_pinpoints is None
-    assert anyres.config.image_grid_pinpoints == [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # BLIP-3's
+    # The preset: 24-px tiles, a 3x3 canvas (one tile per cell of the scenes' 3x3 grid).
+    assert single.config.image_grid_pinpoints is None and anyres.config.image_grid_pinpoints == [[72, 72]]
     weights = anyres.state_dict()
     assert all(torch.equal(value, weights[key]) for key, value in single.state_dict().items())
 
@@ -48,11 +48,11 @@ def test_variants_differ_only_in_image_processing(example, tmp_path):
     assert image.size == (data_args.image_size, data_args.image_size)
     single_inputs = example.build_processor(single, tokenizer)(images=[image], return_tensors="pt")
     anyres_inputs = example.build_processor(anyres, tokenizer)(images=[image], return_tensors="pt")
-    assert tuple(single_inputs["pixel_values"].shape) == (1, 3, 32, 32)
-    assert tuple(anyres_inputs["pixel_values"].shape) == (1, 5, 3, 32, 32)  # a square image: base view + 2x2 tiles
+    assert tuple(single_inputs["pixel_values"].shape) == (1, 3, 24, 24)
+    assert tuple(anyres_inputs["pixel_values"].shape) == (1, 10, 3, 24, 24)  # base view + 3x3 tiles
     torch.testing.assert_close(anyres_inputs["pixel_values"][:, 0], single_inputs["pixel_values"], atol=0, rtol=0)
 
-    # One chat through each variant's collator: the image takes 5x the tokens; the text is the same.
+    # One chat through each variant's collator: the image takes 10x the tokens; the text is the same.
     batches = [
         example.ChatCollator.from_model(model, example.build_processor(model, tokenizer))([train[0]])
         for model in (single, anyres)
@@ -60,7 +60,7 @@ def test_variants_differ_only_in_image_processing(example, tmp_path):
     image_id = tokenizer.image_token_id
     assert not any((batch["input_ids"] == tokenizer.unk_token_id).any() for batch in batches)  # role headers included
     counts = [int((batch["input_ids"] == image_id).sum()) for batch in batches]
-    assert counts == [single.config.num_image_tokens, 5 * single.config.num_image_tokens]
+    assert counts == [single.config.num_image_tokens, 10 * single.config.num_image_tokens]
     texts = [batch["input_ids"][batch["input_ids"] != image_id] for batch in batches]
     assert torch.equal(texts[0], texts[1]) and torch.equal(
         batches[0]["labels"][batches[0]["labels"] != -100], batches[1]["labels"][batches[1]["labels"] != -100]
@@ -69,12 +69,12 @@ def test_variants_differ_only_in_image_processing(example, tmp_path):
 
 def test_tiny_run_trains_and_scores_both_variants(example, tmp_path, capsys):
     results = example.main(tiny_argv(tmp_path))
-    assert [(r["variant"], r["seed"], r["tiles"]) for r in results] == [("single-tile", 0, 1), ("any-res", 0, 5)]
+    assert [(r["variant"], r["seed"], r["tiles"]) for r in results] == [("single-tile", 0, 1), ("any-res", 0, 10)]
     types = set(example.SmallObjectsDataArguments.turn_types.split(","))
     for result in results:
         assert math.isfinite(result["final_loss"]) and result["train_seconds"] > 0
         assert 0.0 <= result["accuracy"] <= 1.0 and set(result["per_type"]) <= types
-    assert results[1]["tokens_per_image"] == 5 * results[0]["tokens_per_image"]
+    assert results[1]["tokens_per_image"] == 10 * results[0]["tokens_per_image"]
     assert "| single-tile | 0 | 1 |" in capsys.readouterr().out
 
 
