@@ -485,7 +485,7 @@ def require_datasets():
         import datasets
     except ImportError as error:
         raise ImportError(
-            "vlbridge's data loaders need `datasets`: `pip install 'vlbridge[train]'` or `pip install datasets`."
+            "vlbridge's data loaders need `datasets` (a requirement of vlbridge): `pip install datasets`."
         ) from error
     return datasets
 

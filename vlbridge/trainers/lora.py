@@ -35,7 +35,7 @@ def _require_peft():
     try:
         import peft
     except ImportError as error:
-        raise ImportError("LoRA needs `peft`: `pip install 'vlbridge[train]'` or `pip install peft`.") from error
+        raise ImportError("LoRA needs `peft` (a requirement of vlbridge): `pip install peft`.") from error
     return peft
 
 
