@@ -91,7 +91,7 @@ def parse_args(argv: list[str], parser: HfArgumentParser | None = None):
     >>> from vlbridge.recipes.stage1 import parse_args
     >>> data_args, model_args, training_args = parse_args(["--config", "pretrain_qformer_builtin", "--max_steps", "5"])
     >>> data_args.image_size, model_args.num_query_tokens, training_args.max_steps
-    (48, 4, 5)
+    (48, 8, 5)
     ```
     """
     return parse_with_preset(parser or build_parser(), argv)
