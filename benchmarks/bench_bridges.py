@@ -34,7 +34,7 @@ import gc
 import logging
 import os
 import statistics
-import time
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,6 +53,11 @@ from vlbridge import BridgeVLMConfig, BridgeVLMForConditionalGeneration  # noqa:
 from vlbridge.data import build_word_tokenizer  # noqa: E402
 from vlbridge.processing import BridgeAnyResImageProcessor, BridgeProcessor, grid_pinpoints_from_grids  # noqa: E402
 from vlbridge.trainers import CaptionCollator  # noqa: E402
+
+
+# The timing helpers beside this script, found also when the script is loaded by its path (as the tests do).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import time_rounds  # noqa: E402
 
 
 BRIDGES = ("qformer", "perceiver", "mlp")
@@ -195,11 +200,6 @@ def make_batch(processor: BridgeProcessor, model, tiles: int, sizes: Sizes) -> t
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def make_train_step(model: torch.nn.Module, batch: dict) -> Callable[[], float]:
     """One forward + backward + AdamW step on `batch`; returns the loss."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -217,24 +217,17 @@ def make_train_step(model: torch.nn.Module, batch: dict) -> Callable[[], float]:
 
 
 def time_round_robin(steps: dict, warmup: int, repeats: int, device: str) -> dict[tuple, dict[str, list[float]]]:
-    """Wall-clock and process-CPU seconds of every step, over `repeats` rounds after `warmup`; each round runs every
-    step once, the order reversed every other round so that no configuration always follows the same one."""
-    times = {key: {"wall": [], "cpu": [], "loss": []} for key in steps}
-    keys = list(steps)
-    for index in range(warmup + repeats):
-        for key in keys if index % 2 == 0 else keys[::-1]:
-            synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            loss = steps[key]()
-            synchronize(device)
-            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    """Wall-clock and process-CPU seconds of every step, over `repeats` rounds after `warmup` (`time_rounds`), and
+    the losses of every round; a loss that is not finite stops the run."""
+
+    def check(index: int, losses: dict) -> None:
+        for key, loss in losses.items():
             if not np.isfinite(loss):
                 raise RuntimeError(f"{key}: the loss is {loss} in round {index}.")
-            times[key]["loss"].append(loss)
-            if index >= warmup:
-                times[key]["wall"].append(wall)
-                times[key]["cpu"].append(cpu)
-    return times
+
+    calls = {key: (lambda index, step=step: step()) for key, step in steps.items()}
+    wall, cpu, losses = time_rounds(calls, warmup, repeats, device, after_round=check)
+    return {key: {"wall": wall[key], "cpu": cpu[key], "loss": losses[key]} for key in steps}
 
 
 def run_stage(stage: str, bridges: list[str], sizes: Sizes, args: argparse.Namespace, repeats: int) -> dict:

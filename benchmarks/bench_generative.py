@@ -33,8 +33,8 @@ import argparse
 import logging
 import os
 import statistics
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +49,11 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration  # noqa: E40
 
 from vlbridge import BridgeVLMForConditionalGeneration  # noqa: E402
 from vlbridge.conversion import convert_blip2_checkpoint  # noqa: E402
+
+
+# The timing helpers beside this script, found also when the script is loaded by its path (as the tests do).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import time_rounds  # noqa: E402
 
 
 PAD_ID, BOS_ID, EOS_ID = 1, 2, 2  # OPT's
@@ -229,11 +234,6 @@ def set_mode(ours: BridgeVLMForConditionalGeneration, theirs: Blip2ForConditiona
     theirs.vision_model.eval()  # BLIP-2's frozen ViT has no dropout either way; kept in eval like vlbridge's
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def make_train_step(model: torch.nn.Module, batch: dict, precision: str) -> Callable[[int], float]:
     """One training step on `batch`; the RNG is seeded with the round index first, so both models draw the same
     dropout masks in the same round. Returns the loss."""
@@ -281,23 +281,7 @@ def time_alternating(
     """Seconds per call of each implementation over `repeats` rounds after `warmup` (wall-clock, and under the key
     `"cpu"` this process's CPU seconds), and every call's result; `check(round_index, {name: result})` runs after
     every round, so that a mismatch stops the run at once."""
-    times = {name: [] for name in runs}
-    cpu_times = {name: [] for name in runs}
-    results = {name: [] for name in runs}
-    names = list(runs)
-    for index in range(warmup + repeats):
-        # Flip the order every round, so that neither implementation always runs second (on a warmer cache).
-        for name in names if index % 2 == 0 else names[::-1]:
-            synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            result = runs[name](index)
-            synchronize(device)
-            elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
-            results[name].append(result)
-            if index >= warmup:
-                times[name].append(elapsed)
-                cpu_times[name].append(cpu_elapsed)
-        check(index, {name: values[-1] for name, values in results.items()})
+    times, cpu_times, results = time_rounds(runs, warmup, repeats, device, after_round=check)
     return {**times, "cpu": cpu_times}, results
 
 

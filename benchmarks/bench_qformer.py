@@ -14,6 +14,7 @@ implementations; the median after warm-up is reported, in fp32 and under bf16 au
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -22,6 +23,11 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from vlbridge.conversion import qformer_config_from_blip2, qformer_state_dict_from_blip2
 from vlbridge.modeling.modeling_qformer import QFormerModel
+
+
+# The timing helpers beside this script, found also when the script is loaded by its path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import synchronize, time_rounds  # noqa: E402
 
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, QUERIES, FREQUENCY, FEATURES, VISION_WIDTH = 768, 12, 12, 3072, 32, 2, 257, 1408
@@ -39,11 +45,6 @@ def make_parser() -> argparse.ArgumentParser:
         "--dropout", type=float, default=None, help="override both dropout rates of both models (BLIP-2: 0.1)"
     )
     return parser
-
-
-def synchronize(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: str, size: int) -> float:
@@ -142,19 +143,9 @@ def check_parity(ours, hf_model, query_tokens, image_embeds) -> float:
 
 
 def time_alternating(steps: dict[str, Callable[[], None]], warmup: int, repeats: int, device: str) -> dict:
-    """Seconds per step of each implementation over `repeats` after `warmup`."""
-    times = {name: [] for name in steps}
-    names = list(steps)
-    for index in range(warmup + repeats):
-        # Alternate the order too, so that neither implementation always runs on a warmer cache.
-        for name in names if index % 2 == 0 else names[::-1]:
-            synchronize(device)
-            start = time.perf_counter()
-            steps[name]()
-            synchronize(device)
-            if index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+    """Seconds per step of each implementation over `repeats` after `warmup` (`time_rounds`)."""
+    calls = {name: (lambda index, step=step: step()) for name, step in steps.items()}
+    return time_rounds(calls, warmup, repeats, device)[0]
 
 
 def main(args: argparse.Namespace):
