@@ -1,13 +1,12 @@
 """examples/anyres_small_objects.py: the two variants differ only in image processing (same initial weights, the same
 base view, more tiles and tokens for any-res), and a tiny run trains and scores both (no accuracy asserted)."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script, unload_script
 
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "anyres_small_objects.py"
@@ -18,13 +17,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("anyres_small_objects", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    # The example's dataclasses resolve their string annotations through sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script(EXAMPLE, "anyres_small_objects")
+    unload_script("anyres_small_objects")
 
 
 def tiny_argv(tmp_path, *extra: str) -> list[str]:

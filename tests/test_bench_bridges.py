@@ -1,12 +1,11 @@
 """benchmarks/bench_bridges.py runs end to end in --quick mode; its token counts are those of each bridge (no timing
 asserted)."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script, unload_script
 
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_bridges.py"
@@ -16,13 +15,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_bridges", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    # The benchmark's dataclass resolves its string annotations through sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script(BENCHMARK, "bench_bridges")
+    unload_script("bench_bridges")
 
 
 def test_quick_run_counts_tokens_per_bridge_and_times_every_cell(bench, capsys):

@@ -1,12 +1,11 @@
 """benchmarks/bench_generative.py runs end to end in --quick mode and its parity checks hold (no timing asserted)."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script, unload_script
 
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_generative.py"
@@ -16,13 +15,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_generative", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    # The benchmark's dataclass resolves its string annotations through sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script(BENCHMARK, "bench_generative")
+    unload_script("bench_generative")
 
 
 def test_quick_run_matches_transformers(bench, capsys):

@@ -1,12 +1,11 @@
 """The example scripts run end to end on tiny overrides of their presets and leave a checkpoint that loads."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 import vlbridge  # noqa: F401  (registers the vlbridge model and processor classes with the Auto* factories)
@@ -18,12 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    # The dataclasses of the example resolve their string annotations through sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py", f"example_{name}")
 
 
 @pytest.mark.parametrize("name", ["sft", "sft_trl"])
