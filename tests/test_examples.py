@@ -56,42 +56,48 @@ def test_pretrain_qformer_example_runs_on_builtin_and_local_data(tmp_path, datas
     assert AutoModel.from_pretrained(tmp_path / "out").config.model_type == "vlbridge_qformer_pretraining"
 
 
+def save_tiny_stage1(directory: Path, with_processor: bool = True) -> None:
+    """A stage-1 model whose Q-Former has the tiny VLM's bridge sizes (its vision tower is CLIP-style, width 64),
+    with, as the stage-1 recipe saves them, an image processor and a word-level tokenizer."""
+    import torch
+    from transformers import CLIPImageProcessor
+
+    from vlbridge.data import build_word_tokenizer
+    from vlbridge.modeling import QFormerForImageTextPretraining, QFormerPretrainingConfig
+    from vlbridge.recipes.tiny import TINY_BRIDGES
+
+    bridge = {**TINY_BRIDGES["qformer"], "use_text_input": True, "vocab_size": 32, "max_position_embeddings": 16}
+    vision = {"model_type": "vit", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "intermediate_size": 128, "image_size": 32, "patch_size": 8}  # fmt: skip
+    torch.manual_seed(1)
+    config = QFormerPretrainingConfig(
+        vision_config=vision, qformer_config=bridge, embed_dim=16, decoder_start_token_id=31, pad_token_id=0,
+        eos_token_id=2,
+    )  # fmt: skip
+    QFormerForImageTextPretraining(config).save_pretrained(directory)
+    if with_processor:
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+            directory
+        )
+        words = ["what", "colour", "shape", "is", "are", "the", "red", "blue", "circle", "square", "?"]
+        build_word_tokenizer(words).save_pretrained(directory)
+
+
 @pytest.mark.parametrize("stage1", [None, "bridge", "around"])
 def test_pretrain_generative_example_trains_evaluates_and_takes_a_stage1_qformer(tmp_path, stage1):
     import torch
-
-    from vlbridge.modeling import QFormerForImageTextPretraining, QFormerPretrainingConfig
-    from vlbridge.recipes.tiny import TINY_BRIDGES
 
     preset = EXAMPLES / "configs" / "pretrain_generative_builtin.yaml"
     argv = ["--config", str(preset), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--logging_steps", "1"]
     argv += ["--num_train_images", "8", "--num_eval_images", "4", "--per_device_train_batch_size", "4"]
     argv += ["--eval_max_new_tokens", "4", "--disable_tqdm", "true"]
     if stage1:
-        # A stage-1 model whose Q-Former has the tiny VLM's bridge sizes (its vision tower is CLIP-style, width 64).
-        bridge = {**TINY_BRIDGES["qformer"], "use_text_input": True, "vocab_size": 32, "max_position_embeddings": 16}
-        vision = {"model_type": "vit", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                  "intermediate_size": 128, "image_size": 32, "patch_size": 8}  # fmt: skip
-        torch.manual_seed(1)
-        config = QFormerPretrainingConfig(
-            vision_config=vision,
-            qformer_config=bridge,
-            embed_dim=16,
-            decoder_start_token_id=31,
-            pad_token_id=0,
-            eos_token_id=2,
-        )
-        QFormerForImageTextPretraining(config).save_pretrained(tmp_path / "stage1")
+        save_tiny_stage1(tmp_path / "stage1", with_processor=stage1 == "around")
         # "language-model" freezes the bridge, so after training it must still hold exactly the stage-1 weights.
         argv += ["--freeze", "language-model"]
         if stage1 == "bridge":
             argv += ["--stage1_checkpoint", str(tmp_path / "stage1")]
         else:  # the VLM built around the stage-1 ViT, Q-Former and image processor
-            from transformers import CLIPImageProcessor
-
-            CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-                tmp_path / "stage1"
-            )
             argv += ["--from_stage1", str(tmp_path / "stage1"), "--lm_text_steps", "2"]
     metrics = load_example("pretrain_generative").main(argv)
     assert math.isfinite(metrics["train_loss"]) and "cider" in metrics and "bleu4" in metrics, metrics

@@ -184,3 +184,23 @@ def test_empty_or_non_dataset_input_raises(processor, vqa_data):
         evaluate_generation(Oracle(processor.tokenizer, []), processor, vqa_data.select([]), task="vqa")
     with pytest.raises(ValueError, match="datasets.Dataset"):
         evaluate_generation(Oracle(processor.tokenizer, []), processor, [vqa_data[0]], task="vqa")
+
+
+def test_instructblip_q_former_reads_the_question_not_the_rendered_chat(processor, vqa_data):
+    """With a Q-Former tokenizer, each row's Q-Former text is its question alone, as ChatCollator trains it (the
+    user's message), not the chat template's rendering with role words."""
+    from vlbridge.processing import BridgeProcessor
+
+    instruct = BridgeProcessor(
+        processor.image_processor, processor.tokenizer, qformer_tokenizer=processor.tokenizer,
+        num_image_tokens=processor.num_image_tokens,
+    )  # fmt: skip
+    questions = list(vqa_data["question"])
+    oracle = Oracle(processor.tokenizer, list(vqa_data["answer"]))
+    evaluate_generation(oracle, instruct, vqa_data, task="vqa", batch_size=4, progress=False)
+    seen = [
+        processor.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        for call in oracle.calls
+        for ids, mask in zip(call["qformer_input_ids"], call["qformer_attention_mask"])
+    ]
+    assert [text.replace(" ", "") for text in seen] == [question.replace(" ", "") for question in questions]

@@ -11,6 +11,7 @@ from ..configuration import (
     QFormerConfig,
     QFormerPretrainingConfig,
 )
+from .from_pretrained_parts import add_qformer_instruction_input
 from .modeling_bridge_vlm import (
     BridgeVLMForConditionalGeneration,
     BridgeVLMModel,
@@ -44,6 +45,7 @@ AutoModel.register(QFormerPretrainingConfig, QFormerForImageTextPretraining, exi
 AutoModelForPreTraining.register(QFormerPretrainingConfig, QFormerForImageTextPretraining, exist_ok=True)
 
 __all__ = [
+    "add_qformer_instruction_input",
     "BridgeModelOutput",
     "BridgeVLMForConditionalGeneration",
     "BridgeVLMModel",

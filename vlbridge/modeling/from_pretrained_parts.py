@@ -134,3 +134,56 @@ def vlm_from_stage1(stage1, text_config, image_token_id: int, **config_kwargs):
         **config_kwargs,
     )
     return load_qformer_into_vlm(BridgeVLMForConditionalGeneration(config), stage1, include_vision_tower=True)
+
+
+def add_qformer_instruction_input(vlm, stage1):
+    """
+    InstructBLIP mode for a BLIP-2 VLM: a copy of `vlm` whose Q-Former also reads the instruction
+    (`use_qformer_text_input=True`). Every weight of `vlm` carries over (a stage-2 or SFT model keeps what it
+    learned); the Q-Former's text branch, which BLIP-2's stage 2 drops (word and position embeddings, the text
+    feed-forward blocks), comes back from the stage-1 model, as InstructBLIP starts its Q-Former from BLIP-2's. Pair
+    the model with a processor whose `qformer_tokenizer` is the stage-1 tokenizer.
+
+    Args:
+        vlm ([`BridgeVLMForConditionalGeneration`]): A VLM whose bridge is a Q-Former without text branch.
+        stage1 ([`QFormerForImageTextPretraining`] or `str`): The stage-1 model its Q-Former came from (or its folder).
+
+    Returns:
+        [`BridgeVLMForConditionalGeneration`]: the new model, on `vlm`'s device and dtype, in `vlm`'s train / eval
+        mode; freeze it as the next stage needs.
+
+    Example:
+
+    ```python
+    >>> from vlbridge.modeling import add_qformer_instruction_input  # doctest: +SKIP
+    >>> instruct = add_qformer_instruction_input(vlm, "outputs/stage1-builtin")  # doctest: +SKIP
+    >>> instruct.config.use_qformer_text_input  # doctest: +SKIP
+    True
+    ```
+    """
+    from .modeling_qformer import QFormerModel
+    from .modeling_qformer_pretraining import QFormerForImageTextPretraining, _check_same_shape
+
+    if isinstance(stage1, (str, os.PathLike)):
+        stage1 = QFormerForImageTextPretraining.from_pretrained(stage1)
+    bridge = vlm.model.bridge
+    if not isinstance(bridge, QFormerModel):
+        raise ValueError(f"InstructBLIP mode needs a Q-Former bridge, this VLM has {type(bridge).__name__}.")
+    if vlm.config.use_qformer_text_input:
+        raise ValueError("This VLM's Q-Former already reads the instruction (use_qformer_text_input=True).")
+    config = vlm.config.__class__.from_dict(vlm.config.to_dict())
+    config.bridge_config.use_text_input = True
+    config.use_qformer_text_input = True
+    _check_same_shape(stage1.qformer.config, config.bridge_config)
+
+    instruct = type(vlm)(config).to(device=vlm.device, dtype=vlm.dtype)
+    missing, unexpected = instruct.load_state_dict(vlm.state_dict(), strict=False)
+    prefix = "model.bridge."
+    if unexpected or any(not key.startswith(prefix) for key in missing):
+        raise ValueError(f"The VLM's weights do not fit its InstructBLIP copy: missing {missing}, extra {unexpected}.")
+    # The keys the copy misses are exactly the text branch; the stage-1 Q-Former has them under the same names.
+    source = stage1.qformer.state_dict()
+    text_branch = {key: source[key.removeprefix(prefix)] for key in missing}
+    instruct.load_state_dict(text_branch, strict=False)
+    logger.info(f"InstructBLIP mode: {len(text_branch)} text-branch tensors of the Q-Former from stage 1.")
+    return instruct.train(vlm.training)

@@ -131,6 +131,9 @@ def evaluate_generation(
     if not texts:
         raise ValueError("`dataset` is empty: there is nothing to evaluate.")
 
+    # InstructBLIP: the Q-Former reads each row's own text, as ChatCollator gives it the user's message in training,
+    # not the rendered chat with its role words.
+    instructions = list(texts) if getattr(processor, "qformer_tokenizer", None) is not None else None
     if use_chat_template:
         texts = [
             processor.apply_chat_template(
@@ -141,7 +144,9 @@ def evaluate_generation(
         ]
     else:
         texts = [" ".join(part for part in (processor.image_token, text) if part) for text in texts]
-    predictions = _generate(model, processor, dataset, texts, batch_size, max_new_tokens, progress, generate_kwargs)
+    predictions = _generate(
+        model, processor, dataset, texts, batch_size, max_new_tokens, progress, generate_kwargs, instructions
+    )
 
     result: dict[str, Any] = {}
     if task == "caption":
@@ -201,8 +206,11 @@ def _vqa_rows(dataset, prompt: str | None):
 
 
 @torch.no_grad()
-def _generate(model, processor, dataset, texts, batch_size, max_new_tokens, progress, generate_kwargs) -> list[str]:
-    """Greedy generation over the `texts` (each with its row's image placeholder), left-padded batches."""
+def _generate(
+    model, processor, dataset, texts, batch_size, max_new_tokens, progress, generate_kwargs, instructions=None
+) -> list[str]:
+    """Greedy generation over the `texts` (each with its row's image placeholder), left-padded batches; the
+    Q-Former's text is `instructions` when given."""
     was_training = model.training
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
@@ -223,7 +231,12 @@ def _generate(model, processor, dataset, texts, batch_size, max_new_tokens, prog
                 padding=True,
                 padding_side="left",  # batched decoder-only generation continues from the last real token
                 return_tensors="pt",
-            ).to(device)
+            )
+            if instructions is not None:
+                inputs.update(
+                    processor.encode_qformer_text(instructions[start:stop], padding=True, return_tensors="pt")
+                )
+            inputs = inputs.to(device)
             ids = model.generate(**inputs, **kwargs)
             if keeps_prompt:
                 ids = ids[:, inputs["input_ids"].shape[1] :]

@@ -91,6 +91,13 @@ class VLMModelArguments:
     freeze: str = field(
         default="finetune", metadata={"help": "What trains (FREEZE_STAGES).", "choices": sorted(FREEZE_STAGES)}
     )
+    instruct_from_stage1: str | None = field(
+        default=None,
+        metadata={
+            "help": "InstructBLIP mode: a stage-1 directory whose Q-Former text branch and tokenizer join the loaded "
+            "Q-Former VLM, so that the instruction also enters the Q-Former (add_qformer_instruction_input)."
+        },
+    )
 
 
 def load_model_and_processor(args: VLMModelArguments, vocabulary: list[str]):
@@ -112,7 +119,25 @@ def load_model_and_processor(args: VLMModelArguments, vocabulary: list[str]):
         size = model.config.vision_config.image_size
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         processor = BridgeProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
+    if args.instruct_from_stage1 is not None:
+        model, processor = _instruct_from_stage1(model, processor, args.instruct_from_stage1)
     model.freeze(args.freeze)
+    return model, processor
+
+
+def _instruct_from_stage1(model, processor, directory: str):
+    """The model in InstructBLIP mode, and its processor with the stage-1 tokenizer as the Q-Former's."""
+    from transformers import AutoTokenizer
+
+    from ..modeling import add_qformer_instruction_input
+    from ..processing import BridgeProcessor
+
+    model = add_qformer_instruction_input(model, directory)
+    processor = BridgeProcessor(
+        processor.image_processor, processor.tokenizer, qformer_tokenizer=AutoTokenizer.from_pretrained(directory),
+        chat_template=processor.chat_template, image_token=processor.image_token,
+        num_image_tokens=processor.num_image_tokens,
+    )  # fmt: skip
     return model, processor
 
 
