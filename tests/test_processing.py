@@ -171,6 +171,23 @@ def test_qformer_outputs_are_text_without_placeholders():
     ]  # fmt: skip
 
 
+def test_a_chat_rendered_by_the_default_template_gives_the_q_former_the_messages_words():
+    """TRL's trainers and pipelines pass the rendered chat: its role headers must not reach the Q-Former, which
+    `ChatCollator` trains on the user's message alone."""
+    processor = make_processor(qformer=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is the colour"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert "user: " in prompt and prompt.endswith("assistant: ")
+    out = processor(images=make_images(1), text=[prompt], return_tensors="pt")
+    expected = make_qformer_tokenizer()(["what is the colour"], return_tensors="pt")["input_ids"]
+    assert out["qformer_input_ids"].tolist() == expected.tolist()
+    assert processor.qformer_instructions(messages) == ["what is the colour"]  # what ChatCollator gives
+
+    # Another template's words are the user's to keep: only the default template's headers are known.
+    custom = make_processor(qformer=True, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert custom.qformer_text("user: what is the colour") == "user: what is the colour"
+
+
 def test_no_qformer_keys_without_qformer_tokenizer():
     processor = make_processor()
     assert processor.qformer_tokenizer is None

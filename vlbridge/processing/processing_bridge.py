@@ -59,6 +59,11 @@ _CHAT_TEMPLATE_BODY = (
 )
 
 
+# The role headers default_chat_template writes, at the start of the text or after whitespace (a newline, or an EOS or
+# BOS that qformer_text has replaced with a space).
+_ROLE_HEADER = re.compile(r"(?:^|(?<=\s))(?:system|user|assistant): ")
+
+
 def default_chat_template(image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
     """The chat template [`BridgeProcessor`] uses when given none, with `image_token` for `{"type": "image"}` entries.
 
@@ -520,10 +525,16 @@ class BridgeProcessor(ProcessorMixin):
     # ----------------------------------------------------------------------------------------------------------------
 
     def qformer_text(self, sample: str) -> str:
-        """The text without image placeholders and language-model special tokens (BOS, EOS, ...)."""
+        """The text without image placeholders and language-model special tokens (BOS, EOS, ...), and, with the
+        default chat template, without its role headers (`"user: "`, `"assistant: "`): a chat rendered by the
+        default template (as TRL's trainers and pipelines pass it) gives the Q-Former the messages' own words, as
+        `ChatCollator` does."""
         removed = {self.image_token, *self.tokenizer.all_special_tokens}
         pattern = "|".join(re.escape(token) for token in sorted(removed, key=len, reverse=True) if token)
-        return re.sub(r"[ \t]+", " ", re.sub(pattern, " ", sample)).strip()
+        text = re.sub(pattern, " ", sample)
+        if self.chat_template == default_chat_template(self.image_token):
+            text = _ROLE_HEADER.sub(" ", text)
+        return re.sub(r"[ \t]+", " ", text).strip()
 
     def encode_qformer_text(self, texts: list[str], **tokenizer_kwargs) -> dict:
         """`qformer_input_ids` / `qformer_attention_mask` of `texts` (already cleaned by `qformer_text`), from the

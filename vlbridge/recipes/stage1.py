@@ -23,7 +23,7 @@ from transformers import CLIPImageProcessor, HfArgumentParser
 from ..configuration import QFormerPretrainingConfig
 from ..data import (
     build_word_tokenizer,
-    caption_vocabulary,
+    chat_vocabulary,
     group_captions,
     load_image_text_folder,
     load_image_text_jsonl,
@@ -108,7 +108,9 @@ def load_data(args: DataArguments):
             captions_per_image=args.captions_per_image,
             max_objects=args.max_objects,
         )
-        return splits["train"], group_captions(splits["test"]), caption_vocabulary()
+        # Every word of the built-in data, questions and prompts too, not only the captions': the stage-1 tokenizer
+        # is also the Q-Former's in InstructBLIP mode, where the instruction enters the Q-Former.
+        return splits["train"], group_captions(splits["test"]), chat_vocabulary()
     path = Path(args.dataset)
     pairs = load_image_text_jsonl(path) if path.suffix == ".jsonl" else load_image_text_folder(path)
     images = group_captions(pairs).train_test_split(test_size=args.eval_fraction, seed=args.data_seed_value)
