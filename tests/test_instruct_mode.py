@@ -92,3 +92,11 @@ def test_sft_example_turns_a_stage2_model_into_instructblip(tmp_path):
     processor = AutoProcessor.from_pretrained(tmp_path / "sft")
     assert model.config.use_qformer_text_input
     assert processor.qformer_tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tmp_path / "stage1").get_vocab()
+
+
+def test_an_empty_instruct_from_stage1_turns_a_presets_value_off():
+    from vlbridge.data import chat_vocabulary
+    from vlbridge.trainers.scripts import VLMModelArguments, load_model_and_processor
+
+    model, processor = load_model_and_processor(VLMModelArguments(instruct_from_stage1=""), chat_vocabulary())
+    assert not model.config.use_qformer_text_input and processor.qformer_tokenizer is None

@@ -95,7 +95,8 @@ class VLMModelArguments:
         default=None,
         metadata={
             "help": "InstructBLIP mode: a stage-1 directory whose Q-Former text branch and tokenizer join the loaded "
-            "Q-Former VLM, so that the instruction also enters the Q-Former (add_qformer_instruction_input)."
+            "Q-Former VLM, so that the instruction also enters the Q-Former (add_qformer_instruction_input); '' "
+            "turns a preset's value off."
         },
     )
 
@@ -119,7 +120,7 @@ def load_model_and_processor(args: VLMModelArguments, vocabulary: list[str]):
         size = model.config.vision_config.image_size
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         processor = BridgeProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
-    if args.instruct_from_stage1 is not None:
+    if args.instruct_from_stage1:  # "" on the command line turns a preset's value off
         model, processor = _instruct_from_stage1(model, processor, args.instruct_from_stage1)
     model.freeze(args.freeze)
     return model, processor
