@@ -131,17 +131,16 @@ def evaluate_generation(
     if not texts:
         raise ValueError("`dataset` is empty: there is nothing to evaluate.")
 
-    # InstructBLIP: the Q-Former reads each row's own text, as ChatCollator gives it the user's message in training,
-    # not the rendered chat with its role words.
-    instructions = list(texts) if getattr(processor, "qformer_tokenizer", None) is not None else None
+    conversations = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}] for text in texts
+    ]
+    # InstructBLIP: the Q-Former reads each row's user message, from the same `qformer_instructions` that ChatCollator
+    # trains with, not the rendered chat (whose role words another chat template would leave in).
+    instructions = None
+    if getattr(processor, "qformer_tokenizer", None) is not None:
+        instructions = [processor.qformer_instructions(messages)[0] for messages in conversations]
     if use_chat_template:
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
-                add_generation_prompt=True,
-            )
-            for text in texts
-        ]
+        texts = [processor.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
     else:
         texts = [" ".join(part for part in (processor.image_token, text) if part) for text in texts]
     predictions = _generate(
