@@ -77,7 +77,7 @@ def test_preference_format_is_trls_conversational_preference(preference):
     assert [m["role"] for m in row["prompt"]] == ["user"]
     assert [e["type"] for e in row["prompt"][0]["content"]] == ["image", "text"]
     assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
-    assert set(preference["train"]["pair_type"]) == {"caption", "question", "absent"}
+    assert set(preference["train"]["pair_type"]) == {"caption", "question", "absent", "present"}
 
 
 def check_caption_pair(scene: Scene, chosen: str, rejected: str, edit: str) -> None:
@@ -126,12 +126,22 @@ def test_every_rejected_answer_has_exactly_one_thing_wrong(preference):
             check_caption_pair(scene, chosen, rejected, edit)
         elif row["pair_type"] == "question":
             check_question_pair(scene, question, chosen, rejected, edit)
-        else:  # "what colour is the star?" -> "there is no star in the image."
+        elif row["pair_type"] == "absent":  # "what colour is the star?" -> "there is no star in the image."
             noun = re.fullmatch(r"there is no (.+) in the image\.", chosen).group(1)
             assert noun in question and rejected in set(COLOURS) | set(SHAPES)
             absent = noun.split()[0]
             assert absent not in {g.shape for g in scene.groups} | {g.colour for g in scene.groups}
+        else:  # "present": the right answer against a denial that the asked-about object is there
+            assert row["pair_type"] == "present" and edit == "denial"
+            noun = re.fullmatch(r"there is no (.+) in the image\.", rejected).group(1)
+            if question.startswith("what colour"):  # "what colour are the circles?" -> "there is no circle ..."
+                assert noun == SINGULAR[question.split()[-1].rstrip("?")] and chosen in COLOURS
+                assert chosen == next(g.colour for g in scene.groups if g.shape == noun)
+            else:  # "what shape is the red object?" -> "there is no red object in the image."
+                colour = question.split()[-2]
+                assert noun == f"{colour} object" and chosen == next(g.shape for g in scene.groups if g.colour == colour)
     assert {edit for kind, edit in edits if kind == "caption"} == set(CAPTION_EDITS)
+    assert ("present", "denial") in edits and ("absent", "absent") in edits
 
 
 def test_pair_and_question_types_are_chosen_and_checked():

@@ -7,6 +7,7 @@ length that keeps every prompt whole, and `precompute_ref_log_probs=False` (TRL 
 """
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,12 @@ from test_vlm_collators import make_model, make_processor
 
 from vlbridge import BridgeVLMForConditionalGeneration
 from vlbridge.data import make_synthetic_preference, make_synthetic_safety_chat
-from vlbridge.trainers import language_model_lora_config, preference_accuracy, preference_log_probs
+from vlbridge.trainers import (
+    language_model_lora_config,
+    preference_accuracy,
+    preference_answer_accuracy,
+    preference_log_probs,
+)
 
 
 trl = pytest.importorskip("trl")
@@ -119,6 +125,38 @@ def test_dpo_teaches_a_rarely_refusing_model_to_refuse_absent_objects(tmp_path):
     assert after["margin"] > before["margin"] + 10
 
 
+class Sayer(torch.nn.Module):
+    """A stand-in for a VLM whose `generate` says given answers, one per row, in order."""
+
+    config = SimpleNamespace(is_encoder_decoder=False)
+
+    def __init__(self, tokenizer, answers):
+        super().__init__()
+        self.tokenizer, self.answers = tokenizer, list(answers)
+
+    def generate(self, input_ids, **kwargs):
+        batch, self.answers = self.answers[: len(input_ids)], self.answers[len(input_ids) :]
+        new = self.tokenizer(batch, padding=True, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_answer_accuracy_scores_what_the_model_says(preference_data):
+    processor, pairs = make_processor(), preference_data["test"]
+    # Says the chosen answer on caption pairs and the rejected one elsewhere: accuracy counts the captions only.
+    said = [row[key][0]["content"][0]["text"] for row in pairs
+            for key in (["chosen"] if row["pair_type"] == "caption" else ["rejected"])]  # fmt: skip
+    result = preference_answer_accuracy(Sayer(processor.tokenizer, said), processor, pairs, group_by="pair_type")
+    captions = sum(kind == "caption" for kind in pairs["pair_type"])
+    assert 0 < captions < len(pairs) and result["num_pairs"] == len(pairs)
+    assert result["accuracy"] == pytest.approx(captions / len(pairs))
+    assert result["groups"]["caption"]["accuracy"] == 1.0
+    assert all(group["accuracy"] == 0.0 for kind, group in result["groups"].items() if kind != "caption")
+    assert [text.replace(" .", ".") for text in result["predictions"]] == said  # a word-level tokenizer's spacing
+    two_turns = dict(pairs[0], prompt=pairs[0]["prompt"] * 2)
+    with pytest.raises(ValueError, match="one user turn"):
+        preference_answer_accuracy(Sayer(processor.tokenizer, said), processor, [two_turns])
+
+
 def test_dpo_example_saves_an_adapter_and_a_merged_model(tmp_path):
     from test_examples import EXAMPLES, load_example
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -138,6 +176,7 @@ def test_dpo_example_saves_an_adapter_and_a_merged_model(tmp_path):
     metrics = load_example("dpo").main(argv)
     assert 0 <= metrics["accuracy_after"] <= 1 and metrics["held_out_pairs"] > 0
     assert {"accuracy_after_caption", "accuracy_after_question", "accuracy_after_absent"} & set(metrics)
+    assert 0 <= metrics["answer_accuracy_before"] <= 1 and 0 <= metrics["answer_accuracy_after"] <= 1
     config = peft.PeftConfig.from_pretrained(tmp_path / "adapter")
     assert config.modules_to_save == ["model.bridge", "model.language_projection"]
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")

@@ -6,14 +6,17 @@ Every image is the one `make_synthetic_image_text` (and so `make_synthetic_vqa` 
 the same `seed`, `image_size` and `max_objects`, so a model fine-tuned on the chat data's `"train"` split can be
 post-trained on the preference `"train"` split and evaluated on `"test"` scenes it has never seen.
 
-Preference pairs (`make_synthetic_preference`) come in three types, each with one thing wrong in the rejected answer:
+Preference pairs (`make_synthetic_preference`) come in four types, each with one thing wrong in the rejected answer:
 
 - `caption`: "describe the image." -> the full description; rejected describes the scene with **one** hallucinated
   change (`edit`): a colour or shape the image does not hold, the other size, another count, or an extra object;
 - `question`: a question of `vlbridge.data.synthetic_vqa` -> its right answer; rejected is a wrong answer of the same
   kind (`edit` is the question type);
 - `absent`: a question about an object the image does not hold ("what colour is the star?") -> "there is no star in
-  the image."; rejected answers it as if it were there (`edit` is `"absent"`).
+  the image."; rejected answers it as if it were there (`edit` is `"absent"`);
+- `present`: the same kind of question about an object the image does hold -> its right answer; rejected denies the
+  object is there ("there is no circle in the image.", `edit` is `"denial"`). Without these, pairs of `absent` type
+  teach a model that refusing is always preferred: it learns to refuse questions about objects it sees.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ if TYPE_CHECKING:
     from datasets import DatasetDict, Features
 
 
-PREFERENCE_TYPES = ("caption", "question", "absent")
+PREFERENCE_TYPES = ("caption", "question", "absent", "present")
 CAPTION_EDITS = ("colour", "shape", "size", "count", "object")
 REFUSAL_TEMPLATE = "there is no {} in the image."
 
@@ -210,6 +213,28 @@ def ask_absent(scene: Scene, rng: random.Random) -> tuple[str, str, str] | None:
     return f"what shape is the {noun}?", REFUSAL_TEMPLATE.format(noun), rng.choice(SHAPES)
 
 
+def ask_present(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    """
+    The counterpart of `ask_absent` for an object the scene holds: a colour or shape question about it (`ask_colour`
+    / `ask_shape` of `vlbridge.data.synthetic_vqa`), its right answer, and a false denial that the object is there.
+
+    Example:
+
+    ```python
+    >>> import random
+    >>> from vlbridge.data.synthetic import ObjectGroup, Scene
+    >>> from vlbridge.data.synthetic_preference import ask_present
+    >>> ask_present(Scene((ObjectGroup("circle", "red", "small", ((0, 0),)),)), random.Random(0))
+    ('what shape is the red object?', 'circle', 'there is no red object in the image.')
+    ```
+    """
+    kind = rng.choice(("colour", "shape"))
+    question, answer = QUESTION_WRITERS[kind](scene, rng)
+    group = next(g for g in scene.groups if (g.colour if kind == "colour" else g.shape) == answer)
+    noun = group.shape if kind == "colour" else f"{group.colour} object"  # singular, as `ask_absent` words it
+    return question, answer, REFUSAL_TEMPLATE.format(noun)
+
+
 def write_preference_pair(
     scene: Scene, rng: random.Random, pair_type: str, question_types: Iterable[str] | None = None
 ) -> dict[str, str] | None:
@@ -220,7 +245,7 @@ def write_preference_pair(
     Args:
         scene (`Scene`): The true scene.
         rng (`random.Random`): Which question or change.
-        pair_type (`str`): One of `PREFERENCE_TYPES` (`"caption"`, `"question"`, `"absent"`).
+        pair_type (`str`): One of `PREFERENCE_TYPES` (`"caption"`, `"question"`, `"absent"`, `"present"`).
         question_types (`Iterable[str]`, *optional*): For `"question"` pairs, the question types to draw from
             (`QUESTION_TYPES` by default).
 
@@ -255,6 +280,9 @@ def write_preference_pair(
         question, refusal, hallucination = absent
         return {"question": question, "chosen": refusal, "rejected": hallucination, "pair_type": pair_type,
                 "edit": "absent"}  # fmt: skip
+    if pair_type == "present":
+        question, answer, denial = ask_present(scene, rng)
+        return {"question": question, "chosen": answer, "rejected": denial, "pair_type": pair_type, "edit": "denial"}
     raise ValueError(f"Unknown preference pair type {pair_type!r}; choose one of {PREFERENCE_TYPES}.")
 
 
@@ -334,9 +362,9 @@ def make_synthetic_preference(
           same `seed`, `image_size` and `max_objects`.
         - `prompt`: one `user` message, `[{"type": "image"}, {"type": "text", "text": question}]`.
         - `chosen`, `rejected`: one `assistant` message each, `[{"type": "text", "text": answer}]`.
-        - `pair_type` (`string`): `caption`, `question` or `absent` (see the module docstring).
+        - `pair_type` (`string`): `caption`, `question`, `absent` or `present` (see the module docstring).
         - `edit` (`string`): what is wrong in `rejected`: a caption edit of `CAPTION_EDITS` (`colour`, `shape`,
-          `size`, `count`, `object`), a question type of `QUESTION_TYPES`, or `absent`.
+          `size`, `count`, `object`), a question type of `QUESTION_TYPES`, `absent`, or `denial` (`present` pairs).
         - `image_id` (`int64`) and `objects`: as in `make_synthetic_image_text`.
 
     Args:
@@ -352,7 +380,8 @@ def make_synthetic_preference(
         max_objects (`int`, *optional*, defaults to 4):
             The most objects in an image (1 to 9).
         pair_types (`Iterable[str]`, *optional*):
-            Among `PREFERENCE_TYPES`; defaults to all three.
+            Among `PREFERENCE_TYPES`; defaults to all four. Keep `present` beside `absent`: alone, `absent` pairs
+            reward refusing, and a model trained on them refuses questions about objects it sees too.
         question_types (`Iterable[str]`, *optional*):
             Question types of the `"question"` pairs, among `QUESTION_TYPES`; defaults to all.
 
@@ -370,7 +399,7 @@ def make_synthetic_preference(
     >>> [entry["type"] for entry in row["prompt"][0]["content"]], row["chosen"][0]["role"]
     (['image', 'text'], 'assistant')
     >>> row["pair_type"], row["chosen"][0]["content"][0]["text"], row["rejected"][0]["content"][0]["text"]
-    ('absent', 'there is no cross in the image.', 'black')
+    ('caption', 'three large green circles', 'three large green circles and a large yellow star')
     ```
     """
     types = _check_types(pair_types, PREFERENCE_TYPES, "pair_types")
@@ -469,6 +498,7 @@ __all__ = [
     "PREFERENCE_TYPES",
     "REFUSAL_TEMPLATE",
     "ask_absent",
+    "ask_present",
     "hallucinated_caption",
     "make_synthetic_preference",
     "make_synthetic_safety_chat",

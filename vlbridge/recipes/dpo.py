@@ -8,7 +8,8 @@ VLM needs).
     # a short smoke run on a tiny VLM built in code
     vlbridge dpo --config dpo_builtin --model_name_or_path none --max_steps 5
 
-It prints the held-out preference accuracy before and after, overall and per pair type, then saves the adapter
+It prints the held-out preference accuracy before and after, overall and per pair type, and how often greedy
+generation gives the chosen answer (a run can win log-prob margins and still break generation), then saves the adapter
 (`<output_dir>/adapter`) and the merged model with its processor and model card (`<output_dir>/merged`).
 """
 
@@ -24,7 +25,7 @@ from trl import DPOConfig, DPOTrainer
 from ..data import make_synthetic_image_text, make_synthetic_preference, preference_vocabulary
 from ..data.synthetic import Scene, describe_positions
 from ..modeling.hub import describe_checkpoint
-from ..trainers import preference_accuracy
+from ..trainers import preference_accuracy, preference_answer_accuracy
 from ..trainers.distributed import close_process_group
 from ..trainers.lora import LoraArguments
 from ..trainers.scripts import VLMModelArguments, describe_train_data, load_model_and_processor, parse_with_preset
@@ -73,11 +74,14 @@ def build_parser() -> HfArgumentParser:
     return HfArgumentParser((PreferenceDataArguments, LoraArguments, VLMModelArguments, DPOConfig))
 
 
-def preference_metrics(before: dict, after: dict) -> dict:
-    """The run's metrics from [`~vlbridge.trainers.preference_accuracy`] before and after training."""
+def preference_metrics(before: dict, after: dict, answers: tuple[dict, dict] | None = None) -> dict:
+    """The run's metrics from [`~vlbridge.trainers.preference_accuracy`] before and after training, and from
+    [`~vlbridge.trainers.preference_answer_accuracy`] when `answers` (before, after) is given."""
     metrics = {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"]}
     metrics.update(margin_before=before["margin"], margin_after=after["margin"], held_out_pairs=after["num_pairs"])
     metrics.update({f"accuracy_after_{kind}": group["accuracy"] for kind, group in after["groups"].items()})
+    if answers is not None:
+        metrics.update(answer_accuracy_before=answers[0]["accuracy"], answer_accuracy_after=answers[1]["accuracy"])
     return metrics
 
 
@@ -89,11 +93,13 @@ def save_merged(trainer, processor, directory: str, metrics: dict, stage: str = 
     describe_checkpoint(directory, stage=stage, data=describe_train_data(trainer.train_dataset), metrics=metrics)
 
 
-def print_preference_accuracy(before: dict, after: dict, with_margin: bool = True) -> None:
-    """One line per pair type (and `all`): held-out preference accuracy before -> after."""
+def print_preference_accuracy(
+    before: dict, after: dict, with_margin: bool = True, title: str = "held-out preference accuracy"
+) -> None:
+    """One line per pair type (and `all`): held-out preference accuracy (or another `title`) before -> after."""
     for name in ["all", *before["groups"]]:
         start, end = (before, after) if name == "all" else (before["groups"][name], after["groups"][name])
-        line = f"held-out preference accuracy [{name}] {start['accuracy']:.3f} -> {end['accuracy']:.3f}"
+        line = f"{title} [{name}] {start['accuracy']:.3f} -> {end['accuracy']:.3f}"
         if with_margin:
             line += f" (mean log-prob margin {start['margin']:.2f} -> {end['margin']:.2f}, {end['num_pairs']} pairs)"
         print(line)
@@ -127,6 +133,8 @@ def run(argv: list[str] | None = None, parser: HfArgumentParser | None = None) -
     model, processor = load_model_and_processor(model_args, preference_vocabulary())
     train, held_out = held_out_pairs(data_args)
     before = preference_accuracy(model, processor, held_out, group_by="pair_type")
+    # What the model says, not only which answer it scores higher: DPO can win margins while breaking generation.
+    answers_before = preference_answer_accuracy(model, processor, held_out, group_by="pair_type")
 
     ################
     # Training
@@ -137,16 +145,18 @@ def run(argv: list[str] | None = None, parser: HfArgumentParser | None = None) -
                          peft_config=peft_config)  # fmt: skip
     trainer.train()
     after = preference_accuracy(trainer.model, processor, held_out, group_by="pair_type")
+    answers_after = preference_answer_accuracy(trainer.model, processor, held_out, group_by="pair_type")
 
     ################
     # Save: the adapter (with the trained bridge copies), then the merged model
     ################
     output_dir = training_args.output_dir
     trainer.save_model(os.path.join(output_dir, "adapter"))  # adapter_config.json + adapter_model.safetensors
-    metrics = preference_metrics(before, after)
+    metrics = preference_metrics(before, after, (answers_before, answers_after))
     if trainer.is_world_process_zero():
         save_merged(trainer, processor, os.path.join(output_dir, "merged"), metrics)
         print_preference_accuracy(before, after)
+        print_preference_accuracy(answers_before, answers_after, with_margin=False, title="held-out answers = chosen")
     log_history = list(trainer.state.log_history)
     del trainer, model
     close_process_group()

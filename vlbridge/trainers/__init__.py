@@ -4,7 +4,7 @@ from .collators import ImageTextCollator
 from .freezing import FREEZE_STAGES, FreezingMixin
 from .generative_eval import evaluate_generation
 from .lora import language_model_lora_config
-from .preference_eval import preference_accuracy, preference_log_probs
+from .preference_eval import preference_accuracy, preference_answer_accuracy, preference_log_probs
 from .stage1_config import Stage1Config
 from .stage1_eval import evaluate_stage1
 from .stage1_trainer import Stage1Trainer
@@ -23,5 +23,6 @@ __all__ = [
     "evaluate_stage1",
     "language_model_lora_config",
     "preference_accuracy",
+    "preference_answer_accuracy",
     "preference_log_probs",
 ]

@@ -1,5 +1,6 @@
 """Preference accuracy: how often a model gives the chosen answer of a preference pair a higher log-probability than
-the rejected one, with the sequences built exactly as TRL's `DPOTrainer` builds them."""
+the rejected one, with the sequences built exactly as TRL's `DPOTrainer` builds them; and how often it *says* the
+chosen answer when it generates."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from itertools import takewhile
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ..data.synthetic import require_datasets
+from .generative_eval import evaluate_generation
 
 
 def _render(processor, example: dict) -> tuple[str, str, str]:
@@ -168,4 +172,83 @@ def preference_accuracy(
     return result
 
 
-__all__ = ["preference_accuracy", "preference_log_probs"]
+def _question_rows(rows, group_by: str | None):
+    """A VQA dataset (`image`, `question`, `answer`, `question_type`) of single-turn, one-image preference rows."""
+    datasets = require_datasets()
+    columns: dict[str, list] = {"image": [], "question": [], "answer": [], "question_type": []}
+    for row in rows:
+        prompt, chosen = list(row["prompt"]), list(row["chosen"])
+        images = list(row.get("images") or ([row["image"]] if row.get("image") is not None else []))
+        entries = prompt[0]["content"] if len(prompt) == 1 and prompt[0]["role"] == "user" else []
+        texts = [entry["text"] for entry in entries if entry["type"] == "text"]
+        if len(images) != 1 or len(texts) != 1 or len(entries) != 2 or len(chosen) != 1:
+            raise ValueError(
+                "`preference_answer_accuracy` takes rows with one user turn of one image and one text, and one chosen "
+                "assistant message."
+            )
+        columns["image"].append(images[0])
+        columns["question"].append(texts[0])
+        columns["answer"].append(" ".join(e["text"] for e in chosen[0]["content"] if e["type"] == "text"))
+        columns["question_type"].append(row[group_by] if group_by else "all")
+    features = datasets.Features({"image": datasets.Image(), **{key: datasets.Value("string") for key in columns
+                                                                  if key != "image"}})  # fmt: skip
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def preference_answer_accuracy(
+    model: nn.Module,
+    processor,
+    dataset: Iterable[dict],
+    group_by: str | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    progress: bool = True,
+) -> dict:
+    """
+    How often greedy generation gives the chosen answer of a preference pair (VQA-normalised exact match).
+
+    [`preference_accuracy`] compares log-probabilities; DPO can widen that margin while lowering both sides, until
+    generation says neither answer (a known failure: "likelihood displacement"). This scores what the model says,
+    so a run that wins margins but breaks generation shows it.
+
+    Args:
+        model ([`BridgeVLMForConditionalGeneration`] or a `peft.PeftModel` around one):
+            The policy.
+        processor ([`BridgeProcessor`]):
+            Its processor, with a chat template.
+        dataset (`datasets.Dataset` or iterable of `dict`):
+            Preference rows with one user turn of one image and one text (`prompt`, `images`) and one chosen
+            assistant message, e.g. from [`~vlbridge.data.make_synthetic_preference`].
+        group_by (`str`, *optional*):
+            A column (e.g. `"pair_type"`) to break the result down by, under `"groups"`.
+        batch_size (`int`, *optional*, defaults to 16):
+            Rows per `generate` call.
+        max_new_tokens (`int`, *optional*, defaults to 24):
+            Most tokens generated per row (the longest chosen answer should fit).
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar.
+
+    Returns:
+        `dict`: `accuracy` (`float` in [0, 1]), `num_pairs`, `predictions` (one string per row), and with `group_by`,
+        `groups`: `{value: {"accuracy": ...}}`.
+
+    Example:
+
+    ```python
+    >>> from vlbridge.trainers import preference_answer_accuracy
+    >>> preference_answer_accuracy(model, processor, data["test"], group_by="pair_type")  # doctest: +SKIP
+    {'accuracy': 0.81, 'num_pairs': 200, 'predictions': [...], 'groups': {'absent': {'accuracy': 0.0}, ...}}
+    ```
+    """
+    rows = dataset if hasattr(dataset, "column_names") else list(dataset)
+    questions = _question_rows(rows, group_by)
+    result = evaluate_generation(model, processor, questions, task="vqa", batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+    summary = {"accuracy": result["vqa_accuracy"], "num_pairs": questions.num_rows}
+    summary["predictions"] = result["predictions"]
+    if group_by is not None:
+        summary["groups"] = {key: {"accuracy": value} for key, value in result["vqa_accuracy_per_type"].items()}
+    return summary
+
+
+__all__ = ["preference_accuracy", "preference_answer_accuracy", "preference_log_probs"]

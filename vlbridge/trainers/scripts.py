@@ -53,7 +53,13 @@ def parse_with_preset(parser, argv: list[str]):
         preset = yaml.safe_load(resolve_preset(argv[at + 1]).read_text()) or {}
         # A YAML null cannot go through the command line ("--max_length=None" is no int): set it as a default.
         parser.set_defaults(**{key: value for key, value in preset.items() if value is None})
-        argv = [f"--{key}={value}" for key, value in preset.items() if value is not None] + argv[:at] + argv[at + 2 :]
+        flags = []
+        for key, value in preset.items():
+            if isinstance(value, list):  # a list field (`loss_type: [sigmoid, sft]`) takes its values one by one
+                flags += [f"--{key}", *map(str, value)]
+            elif value is not None:
+                flags.append(f"--{key}={value}")
+        argv = flags + argv[:at] + argv[at + 2 :]
     parsed = parser.parse_args_into_dataclasses(argv)
     # The recipes build their models before the Trainer seeds itself: seed now, or a recipe run is not repeatable.
     seeds = [args.seed for args in parsed if isinstance(getattr(args, "seed", None), int)]
