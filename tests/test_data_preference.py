@@ -139,7 +139,8 @@ def test_every_rejected_answer_has_exactly_one_thing_wrong(preference):
                 assert chosen == next(g.colour for g in scene.groups if g.shape == noun)
             else:  # "what shape is the red object?" -> "there is no red object in the image."
                 colour = question.split()[-2]
-                assert noun == f"{colour} object" and chosen == next(g.shape for g in scene.groups if g.colour == colour)
+                assert noun == f"{colour} object"
+                assert chosen == next(g.shape for g in scene.groups if g.colour == colour)
     assert {edit for kind, edit in edits if kind == "caption"} == set(CAPTION_EDITS)
     assert ("present", "denial") in edits and ("absent", "absent") in edits
 

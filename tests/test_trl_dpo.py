@@ -183,3 +183,15 @@ def test_dpo_example_saves_an_adapter_and_a_merged_model(tmp_path):
     processor = AutoProcessor.from_pretrained(tmp_path / "merged")
     assert type(merged) is BridgeVLMForConditionalGeneration
     assert processor.num_image_tokens == merged.config.num_image_tokens
+
+
+def test_presets_add_the_chosen_nll_and_a_flag_overrides_a_list():
+    from vlbridge.recipes.dpo import build_parser
+    from vlbridge.trainers.scripts import parse_with_preset
+
+    for preset in ("dpo_sft", "dpo_builtin"):
+        *_, args = parse_with_preset(build_parser(), ["--config", preset])
+        assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 1.0]
+    override = ["--config", "dpo_sft", "--loss_type", "sigmoid", "--loss_weights", "1"]
+    *_, args = parse_with_preset(build_parser(), override)
+    assert args.loss_type == ["sigmoid"] and args.loss_weights == [1.0]
