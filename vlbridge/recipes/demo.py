@@ -41,7 +41,12 @@ TABLE_ROWS = {
     "stage1": [("R@1 image->text", "i2t_r1"), ("R@1 text->image", "t2i_r1"), ("ITM accuracy", "itm_accuracy")],
     "stage2": [("CIDEr", "cider"), ("BLEU-4", "bleu4")],
     "sft": [("VQA accuracy", "vqa_accuracy")],
-    "dpo": [("preference accuracy before", "accuracy_before"), ("preference accuracy after", "accuracy_after")],
+    "dpo": [
+        ("preference accuracy before", "accuracy_before"),
+        ("preference accuracy after", "accuracy_after"),
+        ("answers = chosen before", "answer_accuracy_before"),
+        ("answers = chosen after", "answer_accuracy_after"),
+    ],
 }
 
 
