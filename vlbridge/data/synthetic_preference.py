@@ -230,6 +230,7 @@ def ask_present(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
     """
     kind = rng.choice(("colour", "shape"))
     question, answer = QUESTION_WRITERS[kind](scene, rng)
+    # Groups differ in both shape and colour (see `Scene`), so the answer names the one group asked about.
     group = next(g for g in scene.groups if (g.colour if kind == "colour" else g.shape) == answer)
     noun = group.shape if kind == "colour" else f"{group.colour} object"  # singular, as `ask_absent` words it
     return question, answer, REFUSAL_TEMPLATE.format(noun)

@@ -40,7 +40,8 @@ class PreferenceDataArguments:
     num_eval_images: int = field(default=100, metadata={"help": "Held-out images (scenes no training saw)."})
     pairs_per_image: int = field(default=2, metadata={"help": "Preference pairs per image."})
     pair_types: str = field(
-        default="caption,question,absent", metadata={"help": "Comma-separated, among caption, question, absent."}
+        default="caption,question,absent,present",
+        metadata={"help": "Comma-separated, among caption, question, absent, present."},
     )
     image_size: int = field(default=32, metadata={"help": "Side of the images (as in the SFT run)."})
     max_objects: int = field(default=2, metadata={"help": "Most objects per scene (as in the SFT run)."})
