@@ -4,7 +4,8 @@ the image."), from `vlbridge.data.make_synthetic_safety_chat`.
 
 LoRA adapters go on the language model only (`language_model_lora_config`, the same helper as examples/dpo.py); the
 bridge and the projection train fully unless `--train_bridge false`; the vision tower stays frozen. The script prints
-the held-out preference accuracy on refusal and question pairs (`make_synthetic_preference`) before and after, and
+the held-out preference accuracy on refusal, present-object and question pairs (`make_synthetic_preference`; the
+present-object pairs catch a model that refuses everything) before and after, and
 saves the adapter (`<output_dir>/adapter`) and the merged model (`<output_dir>/merged`). It takes the SFT preset's
 arguments (see examples/sft_trl.py for why `assistant_only_loss=True` and `max_length=None`) and adds `--refusal_rate`
 and the LoRA arguments (LoRA wants a higher learning rate than full fine-tuning). Start from an SFT checkpoint: LoRA

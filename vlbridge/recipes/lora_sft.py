@@ -46,7 +46,9 @@ def safety_data(data_args: ChatDataArguments, safety_args: SafetyDataArguments):
     splits = {"train": data_args.num_train_images, "test": safety_args.num_preference_images}
     chats = make_synthetic_safety_chat(splits, turns=data_args.max_turns, refusal_rate=safety_args.refusal_rate,
                                        **options)  # fmt: skip
-    held_out = make_synthetic_preference(splits, pair_types=["absent", "question"], pairs_per_image=1, **options)
+    # `present` pairs (a true answer over a denial) catch a model that has learnt to refuse everything.
+    held_out = make_synthetic_preference(splits, pair_types=["absent", "present", "question"], pairs_per_image=1,
+                                         **options)  # fmt: skip
     # The same held-out scenes as the chats' "test" split, which no training sees.
     return chats["train"].select_columns(["messages", "images"]), held_out["test"]
 
