@@ -169,6 +169,20 @@ def test_safety_chat_refuses_only_absent_objects():
     assert 10 <= refusals <= 30
 
 
+def test_safety_chat_caption_turns():
+    data = make_synthetic_safety_chat({"train": 30}, image_size=32, turns=2, refusal_rate=0.3, caption_rate=0.5)
+    kinds = [kind for row in data["train"]["turn_types"] for kind in row]
+    assert {"absent", "caption"} <= set(kinds) and len(set(kinds)) > 2  # refusals, captions and questions
+    for row in data["train"].to_list():
+        turns = zip(row["turn_types"], row["messages"][0::2], row["messages"][1::2])
+        for kind, question, answer in turns:
+            if kind == "caption":
+                assert text([question], "user") == "describe the image."
+                assert text([answer], "assistant") == describe_full(Scene.from_objects(row["objects"]))
+    with pytest.raises(ValueError, match="caption_rate"):
+        make_synthetic_safety_chat({"train": 1}, caption_rate=1.5)
+
+
 def count_of(scene: Scene, noun: str) -> int:
     """Objects of the scene a "which image has more <noun>?" question counts."""
     if noun == "objects":

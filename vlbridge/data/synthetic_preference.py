@@ -436,17 +436,19 @@ def make_synthetic_safety_chat(
     turns: int = 2,
     refusal_rate: float = 0.5,
     max_objects: int = 4,
+    caption_rate: float = 0.0,
 ) -> DatasetDict:
     """
     A deterministic chat dataset for safety / helpfulness SFT: **one row per image**, in the `messages` / `images`
     format of `make_synthetic_chat`. Each turn is, with probability `refusal_rate`, a question about an object the
     image does not hold, answered with a refusal to make it up ("what colour is the star?" -> "there is no star in
     the image."); otherwise a true question (`write_questions`) with its right answer, so the model learns both to
-    answer and to decline.
+    answer and to decline. With `caption_rate`, some of the other turns ask for the full description instead
+    (`CAPTION_PROMPT`), so that a model fine-tuned on these chats keeps describing images.
 
     Columns:
-        `images`, `messages`, `turn_types` (each `"absent"` or a question type), `image_id` and `objects`, as in
-        `make_synthetic_chat`.
+        `images`, `messages`, `turn_types` (each `"absent"`, `"caption"` or a question type), `image_id` and
+        `objects`, as in `make_synthetic_chat`.
 
     Args:
         num_images_per_split (`dict[str, int]`, *optional*):
@@ -461,6 +463,9 @@ def make_synthetic_safety_chat(
             Share of turns about an absent object.
         max_objects (`int`, *optional*, defaults to 4):
             The most objects in an image (1 to 9).
+        caption_rate (`float`, *optional*, defaults to 0.0):
+            Share of the turns that are not refusals which ask for the full description. LoRA SFT on refusals and
+            questions alone made a model forget how to caption (held-out CIDEr 4.7 -> near 0, measured).
 
     Example:
 
@@ -471,8 +476,11 @@ def make_synthetic_safety_chat(
     (['absent', 'absent'], 'there is no black object in the image.')
     ```
     """
-    if turns < 1 or not 0.0 <= refusal_rate <= 1.0:
-        raise ValueError(f"`turns` must be at least 1 and `refusal_rate` in [0, 1], got {turns} and {refusal_rate}.")
+    if turns < 1 or not 0.0 <= refusal_rate <= 1.0 or not 0.0 <= caption_rate <= 1.0:
+        raise ValueError(
+            f"`turns` must be at least 1 and `refusal_rate` and `caption_rate` in [0, 1], got {turns}, {refusal_rate} "
+            f"and {caption_rate}."
+        )
 
     def write_rows(scene, rng, image, image_id, objects, columns):
         pairs, kinds = [], []
@@ -481,6 +489,9 @@ def make_synthetic_safety_chat(
             if absent is not None:
                 pairs.append(absent[:2])
                 kinds.append("absent")
+            elif caption_rate and rng.random() < caption_rate:  # no draw at 0: the rows stay those of older versions
+                pairs.append((CAPTION_PROMPT, describe_full(scene)))
+                kinds.append("caption")
             else:
                 kind = rng.choice(QUESTION_TYPES)
                 pairs.append(QUESTION_WRITERS[kind](scene, rng))

@@ -30,6 +30,9 @@ class SafetyDataArguments:
     """What the safety chats add to the built-in chat data arguments."""
 
     refusal_rate: float = field(default=0.3, metadata={"help": "Share of turns about an absent object (refused)."})
+    caption_rate: float = field(
+        default=0.0, metadata={"help": "Share of the other turns that ask for the full description (keeps captions)."}
+    )
     num_preference_images: int = field(default=100, metadata={"help": "Held-out images of the preference pairs."})
 
 
@@ -45,7 +48,7 @@ def safety_data(data_args: ChatDataArguments, safety_args: SafetyDataArguments):
     options["max_objects"] = data_args.max_objects
     splits = {"train": data_args.num_train_images, "test": safety_args.num_preference_images}
     chats = make_synthetic_safety_chat(splits, turns=data_args.max_turns, refusal_rate=safety_args.refusal_rate,
-                                       **options)  # fmt: skip
+                                       caption_rate=safety_args.caption_rate, **options)  # fmt: skip
     # `present` pairs (a true answer over a denial) catch a model that has learnt to refuse everything.
     held_out = make_synthetic_preference(splits, pair_types=["absent", "present", "question"], pairs_per_image=1,
                                          **options)  # fmt: skip
