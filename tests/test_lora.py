@@ -208,3 +208,17 @@ def test_lora_sft_example_saves_an_adapter_and_a_merged_model(tmp_path):
         "model.language_projection",
     ]
     assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")) is BridgeVLMForConditionalGeneration
+
+
+def test_safety_preset_keeps_captions_and_feeds_the_dpo_preset():
+    from vlbridge.recipes import dpo, lora_sft
+    from vlbridge.trainers.scripts import parse_with_preset
+
+    data_args, safety_args, lora_args, model_args, args = parse_with_preset(
+        lora_sft.build_parser(), ["--config", "safety_sft_stage2"]
+    )
+    assert safety_args.caption_rate > 0 and safety_args.refusal_rate > 0 and lora_args.train_bridge
+    assert data_args.max_turns == 1  # InstructBLIP mode: the Q-Former reads a chat's first question only
+    data, _, dpo_model, _ = parse_with_preset(dpo.build_parser(), ["--config", "dpo_safety"])
+    assert dpo_model.model_name_or_path == f"{args.output_dir}/merged"
+    assert set(data.pair_types.split(",")) == {"caption", "question", "absent", "present"}

@@ -189,7 +189,7 @@ def test_presets_add_the_chosen_nll_and_a_flag_overrides_a_list():
     from vlbridge.recipes.dpo import build_parser
     from vlbridge.trainers.scripts import parse_with_preset
 
-    for preset in ("dpo_sft", "dpo_builtin"):
+    for preset in ("dpo_sft", "dpo_builtin", "dpo_safety"):
         *_, args = parse_with_preset(build_parser(), ["--config", preset])
         assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 1.0]
     override = ["--config", "dpo_sft", "--loss_type", "sigmoid", "--loss_weights", "1"]
