@@ -75,14 +75,13 @@ def build_parser() -> HfArgumentParser:
     return HfArgumentParser((PreferenceDataArguments, LoraArguments, VLMModelArguments, DPOConfig))
 
 
-def preference_metrics(before: dict, after: dict, answers: tuple[dict, dict] | None = None) -> dict:
+def preference_metrics(before: dict, after: dict, answers: tuple[dict, dict]) -> dict:
     """The run's metrics from [`~vlbridge.trainers.preference_accuracy`] before and after training, and from
-    [`~vlbridge.trainers.preference_answer_accuracy`] when `answers` (before, after) is given."""
+    [`~vlbridge.trainers.preference_answer_accuracy`] (`answers`: before, after)."""
     metrics = {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"]}
     metrics.update(margin_before=before["margin"], margin_after=after["margin"], held_out_pairs=after["num_pairs"])
     metrics.update({f"accuracy_after_{kind}": group["accuracy"] for kind, group in after["groups"].items()})
-    if answers is not None:
-        metrics.update(answer_accuracy_before=answers[0]["accuracy"], answer_accuracy_after=answers[1]["accuracy"])
+    metrics.update(answer_accuracy_before=answers[0]["accuracy"], answer_accuracy_after=answers[1]["accuracy"])
     return metrics
 
 

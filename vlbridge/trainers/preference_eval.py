@@ -30,12 +30,15 @@ def _render(processor, example: dict) -> tuple[str, str, str]:
     return prompt, texts[0][len(prompt) :], texts[1][len(prompt) :]
 
 
+def _images(example: dict) -> list:
+    """A preference row's images: its `images` list, or its one `image` (TRL accepts both columns)."""
+    return list(example.get("images") or ([example["image"]] if example.get("image") is not None else []))
+
+
 def _batch(processor, examples: list[dict]) -> tuple[dict, torch.Tensor]:
     """Model inputs for `[chosen..., rejected...]` (2B rows, right-padded) and the mask of the completion tokens."""
     rendered = [_render(processor, example) for example in examples]
-    images = [
-        list(example.get("images") or ([example["image"]] if "image" in example else [])) for example in examples
-    ]
+    images = [_images(example) for example in examples]
     prompts = processor(
         images=images * 2 if any(images) else None,
         text=[prompt for prompt, _, _ in rendered] * 2,
@@ -178,7 +181,7 @@ def _question_rows(rows, group_by: str | None):
     columns: dict[str, list] = {"image": [], "question": [], "answer": [], "question_type": []}
     for row in rows:
         prompt, chosen = list(row["prompt"]), list(row["chosen"])
-        images = list(row.get("images") or ([row["image"]] if row.get("image") is not None else []))
+        images = _images(row)
         entries = prompt[0]["content"] if len(prompt) == 1 and prompt[0]["role"] == "user" else []
         texts = [entry["text"] for entry in entries if entry["type"] == "text"]
         if len(images) != 1 or len(texts) != 1 or len(entries) != 2 or len(chosen) != 1:
