@@ -84,7 +84,7 @@ class QFormerPretrainingConfig(PreTrainedConfig):
     model_type = "vlbridge_qformer_pretraining"
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
-        "qformer_config": QFormerConfig,
+        "qformer_config": SubConfigSpec(config_class=QFormerConfig),
     }
     # Large per-batch tensors the HF Trainer would otherwise accumulate over a whole evaluation.
     keys_to_ignore_at_inference = ["itg_logits", "image_embeds", "text_embeds"]

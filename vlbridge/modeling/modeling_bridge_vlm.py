@@ -21,6 +21,7 @@ from ..configuration import BridgeVLMConfig
 from ..trainers.freezing import FreezingMixin
 from .anyres import AnyResTiles, expand_images_for_generation, images_per_sample
 from .bridge_utils import vision_tower_features
+from .compat import CACHE_KEY
 from .from_pretrained_parts import from_vision_text_pretrained
 from .hub import push_to_hub_with_processor
 
@@ -41,8 +42,8 @@ class BridgeVLMModelOutput(ModelOutput):
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
             Last hidden state of the language model (of its decoder for an encoder-decoder LM).
-        past_key_values (`Cache`, *optional*):
-            The language model's KV cache.
+        cache (`Cache`, *optional*):
+            The language model's KV cache (named `past_key_values` on transformers < 5.24, as there).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Hidden states of the language model (of its decoder for an encoder-decoder LM).
         attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -54,7 +55,11 @@ class BridgeVLMModelOutput(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    # The cache field takes the name of the installed transformers' outputs (see `compat`).
+    if CACHE_KEY == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     encoder_last_hidden_state: torch.FloatTensor | None = None
@@ -72,13 +77,16 @@ class BridgeVLMOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
             Language-model logits, aligned one-to-one with `input_ids` (with `decoder_input_ids` for an
             encoder-decoder LM).
-        past_key_values, hidden_states, attentions, encoder_last_hidden_state, image_hidden_states:
+        cache, hidden_states, attentions, encoder_last_hidden_state, image_hidden_states:
             As in [`BridgeVLMModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    if CACHE_KEY == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     encoder_last_hidden_state: torch.FloatTensor | None = None
@@ -95,7 +103,7 @@ class BridgeVLMPreTrainedModel(FreezingMixin, PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     # The bridge is small and numerically delicate (BLIP-2 keeps its Q-Former in fp32 for the same reason): it stays
     # fp32 when the rest is loaded in bf16 / fp16, and activations are cast at its boundaries.
     _keep_in_fp32_modules_strict = ["bridge"]
@@ -315,7 +323,6 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         image_attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
@@ -343,7 +350,8 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
                 InstructBLIP mode only: the instruction tokenized for the Q-Former, one row per sample or per image.
             decoder_input_ids, decoder_attention_mask, encoder_outputs (*optional*):
                 Encoder-decoder language models only, as in transformers' T5.
-            Other arguments are the language model's.
+            Other arguments are the language model's, the KV cache among them (`cache` on transformers >= 5.24,
+            `past_key_values` before): it is passed on under the name the installed release uses.
         """
         image_features = None
         if encoder_outputs is None or not self.config.is_encoder_decoder:
@@ -354,7 +362,6 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
                 )  # fmt: skip
         lm_kwargs = dict(
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -371,7 +378,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
             )
             return BridgeVLMModelOutput(
                 last_hidden_state=outputs.last_hidden_state,
-                past_key_values=outputs.past_key_values,
+                **{CACHE_KEY: outputs.get(CACHE_KEY)},
                 hidden_states=outputs.decoder_hidden_states,
                 attentions=outputs.decoder_attentions,
                 encoder_last_hidden_state=outputs.encoder_last_hidden_state,
@@ -380,7 +387,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         outputs = self.language_model(position_ids=position_ids, **lm_kwargs)
         return BridgeVLMModelOutput(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_KEY: outputs.get(CACHE_KEY)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -580,7 +587,7 @@ class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixi
         return BridgeVLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_KEY: outputs.get(CACHE_KEY)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,

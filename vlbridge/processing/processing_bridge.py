@@ -315,18 +315,23 @@ class BridgeProcessor(ProcessorMixin):
         """
         if videos is not None or audio is not None:
             raise ValueError(f"{type(self).__name__} takes images and text only; got videos or audio.")
+        if getattr(self, "_chat_images", None) is not None:
+            images = self._chat_images  # handed over by `apply_chat_template` (see `_apply_chat_template_with_images`)
         if images is None and text is None:
             raise ValueError(f"Pass `images`, `text` or both to {type(self).__name__}.")
         text = self._as_list_of_strings(text)
         passed = {**kwargs, **kwargs.get("text_kwargs", {})}
         if text and "add_special_tokens" not in passed and self._starts_with_bos(text):
             kwargs["add_special_tokens"] = False  # rendered by the chat template, which wrote the BOS already
-        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        # The kwargs class is passed explicitly: transformers < 5.24 requires it, later releases default to it.
+        kwargs_class = getattr(self, "valid_processor_kwargs", ProcessingKwargs)
+        merged = self._merge_kwargs(kwargs_class, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs = merged["text_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
-        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged["return_mm_token_type_ids"])
+        # Top-level processor kwargs since transformers 5.24, text kwargs before.
+        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids"))
         return_replacement_offsets = text_kwargs.pop(
-            "return_text_replacement_offsets", merged["return_text_replacement_offsets"]
+            "return_text_replacement_offsets", merged.get("return_text_replacement_offsets")
         )
 
         data: dict[str, Any] = {}
@@ -481,7 +486,7 @@ class BridgeProcessor(ProcessorMixin):
         image, not the whole rendered chat: that would show the Q-Former every answer of a training conversation
         (TRL's `SFTTrainer` tokenizes through this method), and role words it never sees at inference.
         """
-        out = super().apply_chat_template(conversation, chat_template, **kwargs)
+        out = self._apply_chat_template_with_images(conversation, chat_template, **kwargs)
         if self.qformer_tokenizer is None or not isinstance(out, Mapping) or "qformer_input_ids" not in out:
             return out
         single = bool(conversation) and isinstance(conversation[0], dict)
@@ -492,6 +497,22 @@ class BridgeProcessor(ProcessorMixin):
             tensors = "pt" if hasattr(out.get("input_ids"), "shape") else None
             out.update(self.encode_qformer_text(instructions, padding=True, return_tensors=tensors))
         return out
+
+    def _apply_chat_template_with_images(self, conversation, chat_template, **kwargs):
+        # Images may come in `processor_kwargs` (TRL and ChatCollator pass them so, beside `{"type": "image"}`
+        # entries that hold no image). transformers >= 5.24 takes them from there; earlier releases pass them to
+        # `__call__` a second time (TypeError). The same semantics on every release: they are handed to `__call__`
+        # here, and override images found in the messages, as 5.24 does.
+        processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+        images = processor_kwargs.pop("images", None)
+        if not images:
+            return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
+        batched = bool(conversation) and not isinstance(conversation[0], dict)
+        self._chat_images = images if batched else [images]
+        try:
+            return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
+        finally:
+            self._chat_images = None
 
     def qformer_instructions(self, messages: list[dict]) -> list[str]:
         """
