@@ -503,14 +503,14 @@ class BridgeProcessor(ProcessorMixin):
         # entries that hold no image). transformers >= 5.24 takes them from there; earlier releases pass them to
         # `__call__` a second time (TypeError). The same semantics on every release: they are handed to `__call__`
         # here, and override images found in the messages, as 5.24 does.
-        processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+        kwargs["processor_kwargs"] = processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
         images = processor_kwargs.pop("images", None)
         if not images:
-            return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
+            return super().apply_chat_template(conversation, chat_template, **kwargs)
         batched = bool(conversation) and not isinstance(conversation[0], dict)
         self._chat_images = images if batched else [images]
         try:
-            return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
+            return super().apply_chat_template(conversation, chat_template, **kwargs)
         finally:
             self._chat_images = None
 
