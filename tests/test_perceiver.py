@@ -124,7 +124,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     image_embeds, mask = torch.randn(2, 7, 48), padding_mask(2, 7, [7, 3])
     plain = _gradients(model, image_embeds, mask)
 
-    model.activation_checkpointing_enable()
+    # transformers 5.24 renamed gradient_checkpointing_enable (kept as an alias) to activation_checkpointing_enable.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
     assert model.is_gradient_checkpointing
     # Checkpointing recomputes each layer in backward: its attention then runs twice per step, not once.
     calls = []
