@@ -1,6 +1,7 @@
 """Checkpoints: fresh-process round trip, push_to_hub with the network patched, VLMs built from two checkpoints."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import textwrap
 from types import SimpleNamespace
 from unittest import mock
 
+import pytest
 import torch
 from huggingface_hub import HfApi
 from tiny import BOS_ID, IMAGE_ID, make_images, make_tokenizer, text_config, vision_config, vlm_config
@@ -17,8 +19,10 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
+    AutoTokenizer,
     CLIPImageProcessor,
     CLIPModel,
+    SiglipImageProcessor,
 )
 
 from vlbridge import BridgeProcessor, BridgeVLMForConditionalGeneration, QFormerConfig
@@ -153,3 +157,44 @@ def test_from_vision_text_pretrained_adds_image_token(tmp_path):
     assert model.config.num_image_tokens == 16  # SigLIP: 4x4 patches, no CLS
     ids = torch.tensor([[BOS_ID] + [model.config.image_token_id] * 16 + [12]])
     assert model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)).logits.shape == (1, 18, len(tokenizer) + 1)
+
+
+def test_processor_after_from_vision_text_pretrained_warns_only_when_true(tmp_path, caplog):
+    """The README's sequence: the model adds <image> to the LM's vocabulary, then the processor is built from a
+    fresh copy of the same tokenizer, which adds it again, under the same id."""
+    make_tokenizer(image_token=False).save_pretrained(tmp_path / "llama")
+    lm = AutoModelForCausalLM.from_config(text_config("llama", vocab_size=len(make_tokenizer(image_token=False))))
+    lm.save_pretrained(tmp_path / "llama")
+    AutoModel.from_config(vision_config("siglip")).save_pretrained(tmp_path / "siglip")
+    model = BridgeVLMForConditionalGeneration.from_vision_text_pretrained(
+        tmp_path / "siglip", tmp_path / "llama", {"model_type": "vlbridge_qformer", "hidden_size": 32,
+                                                   "num_hidden_layers": 1, "num_attention_heads": 4,
+                                                   "intermediate_size": 64, "num_query_tokens": 4}
+    ).eval()  # fmt: skip
+    image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+
+    def build_processor(**kwargs):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            processor = BridgeProcessor(
+                image_processor, AutoTokenizer.from_pretrained(tmp_path / "llama"),
+                num_image_tokens=model.config.num_image_tokens, **kwargs,
+            )  # fmt: skip
+        return processor, [r.getMessage() for r in caplog.records if "resize_token_embeddings" in r.getMessage()]
+
+    processor, warnings = build_processor(image_token_id=model.config.image_token_id)
+    assert not warnings  # the model already has <image>, under the id the processor gives it
+    assert processor.image_token_id == model.config.image_token_id
+    inputs = processor(images=make_images(1), text="<image> red", return_tensors="pt")
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+    # Saved and reloaded, the processor's tokenizer holds <image> already: still no warning.
+    processor.save_pretrained(tmp_path / "processor")
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        assert BridgeProcessor.from_pretrained(tmp_path / "processor").image_token_id == model.config.image_token_id
+    assert "resize_token_embeddings" not in caplog.text
+
+    # Not told the model's id, the processor cannot know, and the warning is true in general.
+    assert build_processor()[1]
+    with pytest.raises(ValueError, match="config.image_token_id"):
+        build_processor(image_token_id=model.config.image_token_id - 1)

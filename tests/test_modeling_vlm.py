@@ -249,3 +249,66 @@ def test_gradient_checkpointing_same_gradients():
     assert reference.keys() == checkpointed.keys()
     for name in reference:
         torch.testing.assert_close(reference[name], checkpointed[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_images_without_image_token_id_raise_naming_it():
+    config = vlm_config()
+    config.image_token_id = None  # buildable (transformers builds `BridgeVLMConfig()` itself), but cannot take images
+    model = BridgeVLMForConditionalGeneration(config).eval()
+    input_ids, pixel_values, _ = batch(model.config)
+    with pytest.raises(ValueError, match=r"config\.image_token_id is None"):
+        model(input_ids=input_ids, pixel_values=pixel_values)
+    text = torch.tensor([[BOS_ID, 12, 13]])
+    assert model(input_ids=text).logits.shape == (1, 3, config.text_config.vocab_size)
+
+
+TEXT_BRANCH = re.compile(r"embeddings\.(word|position)_embeddings\.|layer\.\d+\.(intermediate|output)\.")
+
+
+def test_readme_style_qformer_bridge_has_no_text_branch():
+    from vlbridge import QFormerConfig, QFormerModel
+
+    # As in the README: a plain QFormerConfig, whose use_text_input defaults to True.
+    qformer = QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config = BridgeVLMConfig(
+        vision_config=vlm_config().vision_config, bridge_config=qformer, text_config=vlm_config().text_config,
+        image_token_id=IMAGE_ID,
+    )  # fmt: skip
+    model = BridgeVLMForConditionalGeneration(config)
+    bridge_keys = list(model.model.bridge.state_dict())
+    assert bridge_keys and not [key for key in bridge_keys if TEXT_BRANCH.search(key)]
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    with_text = count(QFormerModel(QFormerConfig(**{**qformer.to_dict(), "use_text_input": True})))
+    without_text = count(QFormerModel(QFormerConfig(**{**qformer.to_dict(), "use_text_input": False})))
+    assert count(model.model.bridge) == without_text < with_text
+    # InstructBLIP mode keeps the text branch, which then reads the instruction.
+    instruct = BridgeVLMForConditionalGeneration(
+        BridgeVLMConfig.from_dict({**config.to_dict(), "use_qformer_text_input": True})
+    )
+    assert count(instruct.model.bridge) == with_text
+
+
+def test_old_checkpoint_with_an_unused_text_branch_loads_without_it(tmp_path, caplog):
+    import json
+
+    old = build(use_qformer_text_input=True).eval()  # stands for a checkpoint saved with the text branch
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["use_qformer_text_input"] = False  # ... by a VLM that never fed it text
+    assert saved["bridge_config"].get("use_text_input", True)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+
+    with caplog.at_level(logging.WARNING):
+        loaded = BridgeVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert not loaded.config.bridge_config.use_text_input
+    assert not [key for key in loaded.state_dict() if TEXT_BRANCH.search(key.removeprefix("model.bridge."))]
+    assert "unexpected" not in caplog.text.lower()
+    old_state = old.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, old_state[key]), key
+    input_ids, pixel_values, _ = batch(loaded.config)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=input_ids, pixel_values=pixel_values).logits).all()

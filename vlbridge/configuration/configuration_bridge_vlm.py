@@ -23,6 +23,25 @@ def _as_pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def check_vision_feature_layer(vision_feature_layer: int | None, vision_config: PreTrainedConfig) -> None:
+    """
+    Raises a `ValueError` when `vision_feature_layer` does not index the vision tower's `hidden_states`.
+
+    A tower with `num_hidden_layers` layers returns `num_hidden_layers + 1` hidden states (the embeddings first), so
+    the valid indices are `-(num_hidden_layers + 1)` to `num_hidden_layers`. A tower that does not state its depth
+    is not checked.
+    """
+    num_layers = getattr(vision_config, "num_hidden_layers", None)
+    if vision_feature_layer is None or not isinstance(num_layers, int):
+        return
+    if not -(num_layers + 1) <= vision_feature_layer <= num_layers:
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer} does not index the hidden states of vision tower "
+            f"'{vision_config.model_type}', which has {num_layers} layers, hence {num_layers + 1} hidden states: use "
+            f"an index from {-(num_layers + 1)} to {num_layers} (LLaVA uses -2), or None for its last_hidden_state."
+        )
+
+
 @strict
 class BridgeVLMConfig(PreTrainedConfig):
     r"""
@@ -42,14 +61,16 @@ class BridgeVLMConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             Language model config (any `AutoModelForCausalLM` or `AutoModelForSeq2SeqLM` config; OPT's by default).
         image_token_id (`int`, *optional*):
-            Id of the `<image>` placeholder token in the language model's vocabulary.
+            Id of the `<image>` placeholder token in the language model's vocabulary, so within
+            `[0, text_config.vocab_size)`. Needed by a forward with images.
         vision_feature_layer (`int`, *optional*):
             Hidden state of the vision tower fed to the bridge: `None` takes its `last_hidden_state` (BLIP-2), an
-            integer indexes `hidden_states` (LLaVA uses -2).
+            integer indexes `hidden_states` (LLaVA uses -2), from `-(num_hidden_layers + 1)` to `num_hidden_layers`.
         vision_num_prefix_tokens (`int`, *optional*):
             CLS-like tokens the vision tower puts before its patches; filled in for known towers.
         use_qformer_text_input (`bool`, *optional*, defaults to `False`):
-            InstructBLIP mode: the instruction (`qformer_input_ids`) also enters the Q-Former.
+            InstructBLIP mode: the instruction (`qformer_input_ids`) also enters the Q-Former. A Q-Former bridge's
+            `use_text_input` follows it, so without it the Q-Former has no text branch (BLIP-2's stage-2 layout).
         num_image_tokens (`int`, *optional*):
             Derived: placeholder tokens per image (per tile with any-res).
         image_grid_pinpoints (`list[list[int]]`, *optional*):
@@ -113,10 +134,17 @@ class BridgeVLMConfig(PreTrainedConfig):
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", True))
         if self.vision_num_prefix_tokens is None:
             self.vision_num_prefix_tokens = VISION_PREFIX_TOKENS.get(self.vision_config.model_type)
-        if self.use_qformer_text_input and not getattr(self.bridge_config, "use_text_input", False):
+        if hasattr(self.bridge_config, "use_text_input"):
+            # Inside a VLM the Q-Former's text branch is fed only in InstructBLIP mode. Kept otherwise, it would be
+            # dead weight (80M of CLIP-L's 182M Q-Former parameters) that gets no gradient yet counts as trainable
+            # and is saved in every checkpoint. Following the VLM flag here also lets old checkpoints saved with
+            # the text branch load into the smaller bridge (their extra weights are ignored).
+            self.bridge_config.use_text_input = self.use_qformer_text_input
+        elif self.use_qformer_text_input:
             raise ValueError(
-                "use_qformer_text_input=True needs a Q-Former bridge built with use_text_input=True "
-                "(set bridge_config={'model_type': 'vlbridge_qformer', 'use_text_input': True, ...})."
+                f"use_qformer_text_input=True (InstructBLIP mode) needs a Q-Former bridge, whose text branch "
+                f"(use_text_input=True) reads the instruction; this bridge is '{self.bridge_config.model_type}' "
+                "(set bridge_config={'model_type': 'vlbridge_qformer', ...}, or use_qformer_text_input=False)."
             )
         if getattr(self.bridge_config, "drop_cls_token", False) and self.vision_num_prefix_tokens == 0:
             raise ValueError(
@@ -124,8 +152,30 @@ class BridgeVLMConfig(PreTrainedConfig):
                 "set bridge_config drop_cls_token=False."
             )
         self.num_image_tokens = self.bridge_config.num_output_tokens(self._num_vision_tokens())
+        if self.num_image_tokens < 1:
+            raise ValueError(
+                f"The bridge gives {self.num_image_tokens} tokens per image: an image needs at least one. Give the "
+                "bridge more outputs (num_query_tokens, num_latents) or the vision tower more patches."
+            )
         if self.image_grid_pinpoints is not None:
             self._check_grid_pinpoints()
+        self._check_image_token_id()
+        check_vision_feature_layer(self.vision_feature_layer, self.vision_config)
+
+    def _check_image_token_id(self) -> None:
+        # None stays buildable: transformers builds `BridgeVLMConfig()` itself (e.g. in `to_diff_dict`); a forward
+        # with images then refuses it. An id past the vocabulary would only fail later, deep inside `forward`.
+        if self.image_token_id is None:
+            return
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        if vocab_size is not None and not 0 <= self.image_token_id < vocab_size:
+            raise ValueError(
+                f"image_token_id={self.image_token_id} is outside the language model's vocabulary [0, {vocab_size}). "
+                "If <image> was added to the tokenizer, the embeddings must grow to len(tokenizer): build the "
+                "config with text_config vocab_size >= len(tokenizer), or on a built model call "
+                "`model.resize_token_embeddings(len(tokenizer))` first; then set image_token_id to the processor's "
+                "`image_token_id`."
+            )
 
     def _check_grid_pinpoints(self) -> None:
         image_size = getattr(self.vision_config, "image_size", None)

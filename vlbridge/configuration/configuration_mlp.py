@@ -51,7 +51,14 @@ class MLPProjectorConfig(PreTrainedConfig):
         """Tokens produced per image: one per image feature, less the CLS token when it is dropped."""
         if num_input_tokens is None:
             raise ValueError("MLPProjectorConfig needs the number of image features to count its output tokens.")
-        return num_input_tokens - int(self.drop_cls_token)
+        num_output_tokens = num_input_tokens - int(self.drop_cls_token)
+        if num_output_tokens < 1:
+            raise ValueError(
+                f"The MLP projector gets {num_input_tokens} image feature(s) and gives {num_output_tokens} tokens: it "
+                "needs at least one feature besides a dropped CLS token (set drop_cls_token=False, or use a vision "
+                "tower with more patches)."
+            )
+        return num_output_tokens
 
     def validate_architecture(self):
         super().validate_architecture()

@@ -18,7 +18,7 @@ class PerceiverResamplerConfig(PreTrainedConfig):
         encoder_hidden_size (`int`, *optional*, defaults to 1024):
             Width of the image features. [`BridgeVLMConfig`] sets it to the vision tower's hidden size.
         num_latents (`int`, *optional*, defaults to 64):
-            Number of learned latents, hence of output tokens per image (BLIP-3 uses 128).
+            Number of learned latents, hence of output tokens per image (BLIP-3 uses 128); at least 1.
         num_hidden_layers (`int`, *optional*, defaults to 6):
             Depth of the resampler.
         num_attention_heads (`int`, *optional*, defaults to 8):
@@ -63,6 +63,19 @@ class PerceiverResamplerConfig(PreTrainedConfig):
     def num_output_tokens(self, num_input_tokens: int | None = None) -> int:
         """Tokens produced per image (per tile with any-res): the number of latents."""
         return self.num_latents
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Raised here as a plain ValueError at build; `validate_architecture` repeats it when the config is saved.
+        self._check_num_latents()
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        self._check_num_latents()
+
+    def _check_num_latents(self) -> None:
+        if self.num_latents < 1:
+            raise ValueError(f"num_latents must be >= 1 (each latent gives one image token), got {self.num_latents}.")
 
 
 __all__ = ["PerceiverResamplerConfig"]

@@ -38,10 +38,11 @@ class QFormerConfig(PreTrainedConfig):
         encoder_hidden_size (`int`, *optional*, defaults to 1408):
             Width of the image features. [`BridgeVLMConfig`] sets it to the vision tower's hidden size.
         num_query_tokens (`int`, *optional*, defaults to 32):
-            Number of learned queries, hence of output tokens per image.
+            Number of learned queries, hence of output tokens per image; at least 1.
         use_text_input (`bool`, *optional*, defaults to `True`):
             Build the text branch (word / position embeddings and the text feed-forward blocks). Stage 1 and
-            InstructBLIP need it; BLIP-2's stage 2 drops it.
+            InstructBLIP need it; BLIP-2's stage 2 drops it. Inside a VLM it follows
+            `BridgeVLMConfig.use_qformer_text_input`.
 
     Example:
 
@@ -85,6 +86,18 @@ class QFormerConfig(PreTrainedConfig):
             )
         if self.cross_attention_frequency < 1:
             raise ValueError(f"cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}.")
+        self._check_num_query_tokens()
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Raised here as a plain ValueError at build; `validate_architecture` repeats it when the config is saved.
+        self._check_num_query_tokens()
+
+    def _check_num_query_tokens(self) -> None:
+        if self.num_query_tokens < 1:
+            raise ValueError(
+                f"num_query_tokens must be >= 1 (each query gives one image token), got {self.num_query_tokens}."
+            )
 
 
 __all__ = ["QFormerConfig"]

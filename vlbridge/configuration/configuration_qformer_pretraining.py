@@ -4,6 +4,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
+from .configuration_bridge_vlm import check_vision_feature_layer
 from .configuration_qformer import QFormerConfig
 
 
@@ -115,6 +116,7 @@ class QFormerPretrainingConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        check_vision_feature_layer(self.vision_feature_layer, self.vision_config)
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         # The model's only text part is the Q-Former's text branch: `resize_token_embeddings` and other

@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import IO, TYPE_CHECKING, NamedTuple
 
 from PIL import Image
@@ -281,6 +281,26 @@ def _parse_captions(value, where: str) -> list[str]:
     return captions
 
 
+def _check_inside(names: list[str], base: Path, where: str) -> None:
+    """Raise unless every image path stays inside the dataset folder `base`, as image paths are documented to.
+
+    Checked on the normalised text of the path (`..` climbing out, or an absolute path elsewhere), symlinks left
+    unresolved: an image folder linked into the dataset folder counts as inside, while a metadata line cannot reach
+    any file it likes. An absolute path that names a file inside the folder is fine.
+    """
+    folder = os.path.normpath(os.path.abspath(base))
+    for name in names:
+        if PurePath(name).anchor:
+            relative = os.path.relpath(os.path.normpath(name), folder) if os.path.isabs(name) else os.pardir
+        else:
+            relative = os.path.normpath(name)
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+            raise ValueError(
+                f"{where}: the image path {name!r} leaves the dataset folder (image paths are relative to it). "
+                "Move the image into the folder, or pass allow_outside_paths=True if you trust the metadata."
+            )
+
+
 def _parse_record(record: dict, where: str, image_keys: tuple[str, ...], caption_keys: tuple[str, ...]):
     """A `_Chat` for records with `messages`, else a `_Caption`; a `ValueError` naming `where` if malformed."""
     if "messages" not in record:
@@ -307,13 +327,19 @@ def _parse_record(record: dict, where: str, image_keys: tuple[str, ...], caption
 
 
 def _parse_all(
-    lines: Iterator[tuple[int, dict]], source: Path, image_keys: tuple[str, ...], caption_keys: tuple[str, ...]
+    lines: Iterator[tuple[int, dict]],
+    source: Path,
+    image_keys: tuple[str, ...],
+    caption_keys: tuple[str, ...],
+    allow_outside_paths: bool = False,
 ) -> Iterator[_Caption | _Chat]:
     """Parse records in order; all must be of the kind of the first (captions or chats)."""
     kind = None
     for line_number, record in lines:
         where = f"Line {line_number} of {source}"
         parsed = _parse_record(record, where, image_keys, caption_keys)
+        if not allow_outside_paths:
+            _check_inside(parsed.names if isinstance(parsed, _Chat) else [parsed.name], source.parent, where)
         kind = kind or type(parsed)
         if type(parsed) is not kind:
             raise ValueError(f"{where} mixes captions and chats (`messages`) in one file; keep them apart.")
@@ -336,6 +362,12 @@ def _chat_features() -> Features:
     return datasets.Features({"images": datasets.List(datasets.Image()), "messages": datasets.List(message)})
 
 
+def _image_path(base: Path, name: str) -> Path:
+    # Opened as normalised, the path `_check_inside` checked: the OS would resolve `..` after a symlinked folder
+    # from the link's target ("pics/../x.png" leaving the dataset when `pics` links elsewhere).
+    return base / os.path.normpath(name)
+
+
 def _image_value(path: Path) -> dict:
     # A path, not a PIL image: `datasets` would re-encode a PIL image to PNG bytes.
     return {"path": os.fspath(path), "bytes": None}
@@ -354,7 +386,7 @@ def _assign_image_ids(files: list[str], given: dict[str, int]) -> dict[str, int]
 def _check_files(names: list[str], base: Path, verify: bool, report: LoadReport) -> dict[str, bool]:
     usable = {}
     for name in names:
-        problem = _check_image(base / name, verify)
+        problem = _check_image(_image_path(base, name), verify)
         if problem is not None:
             report._skip(name, problem)
         usable[name] = problem is None
@@ -378,7 +410,7 @@ def _build_caption_dataset(records: list[_Caption], source: Path, verify: bool) 
     report.num_rows, report.num_images = len(kept), sum(usable.values())
     report.skipped_rows = len(pairs) - len(kept)
     columns = {
-        "image": [_image_value(base / name) for name, _ in kept],
+        "image": [_image_value(_image_path(base, name)) for name, _ in kept],
         "caption": [caption for _, caption in kept],
         "image_id": [ids[name] for name, _ in kept],
     }
@@ -396,14 +428,16 @@ def _build_chat_dataset(records: list[_Chat], source: Path, verify: bool) -> tup
     report.num_rows, report.num_images = len(kept), sum(usable.values())
     report.skipped_rows = len(records) - len(kept)
     columns = {
-        "images": [[_image_value(base / name) for name in record.names] for record in kept],
+        "images": [[_image_value(_image_path(base, name)) for name in record.names] for record in kept],
         "messages": [record.messages for record in kept],
     }
     return require_datasets().Dataset.from_dict(columns, features=_chat_features()), report
 
 
-def _load_eager(source: Path, image_keys, caption_keys, verify: bool) -> tuple[Dataset, LoadReport]:
-    records = list(_parse_all(_iter_jsonl(source), source, image_keys, caption_keys))
+def _load_eager(
+    source: Path, image_keys, caption_keys, verify: bool, allow_outside_paths: bool
+) -> tuple[Dataset, LoadReport]:
+    records = list(_parse_all(_iter_jsonl(source), source, image_keys, caption_keys, allow_outside_paths))
     if records and isinstance(records[0], _Chat):
         dataset, report = _build_chat_dataset(records, source, verify)
     else:
@@ -424,20 +458,36 @@ class _JsonlStream:
     numbered after the largest given id per line, not per file name (that would hold every name in memory).
     """
 
-    def __init__(self, source: Path, image_keys, caption_keys, verify: bool, report: LoadReport, next_id: int):
+    def __init__(
+        self,
+        source: Path,
+        image_keys,
+        caption_keys,
+        verify: bool,
+        report: LoadReport,
+        next_id: int,
+        allow_outside_paths: bool = False,
+    ):
         self.source, self.image_keys, self.caption_keys = source, image_keys, caption_keys
         self.verify, self.report, self.next_id = verify, report, next_id
+        self.allow_outside_paths = allow_outside_paths
 
     def __call__(self) -> Iterator[dict]:
         report, base, next_id = self.report, self.source.parent, self.next_id
         report._begin_pass()
-        for record in _parse_all(_iter_jsonl(self.source), self.source, self.image_keys, self.caption_keys):
+        records = _parse_all(
+            _iter_jsonl(self.source), self.source, self.image_keys, self.caption_keys, self.allow_outside_paths
+        )
+        for record in records:
             if isinstance(record, _Chat):
                 if not all(_check_files(record.names, base, self.verify, report).values()):
                     report.skipped_rows += 1
                     continue
                 report.num_rows, report.num_images = report.num_rows + 1, report.num_images + len(record.names)
-                yield {"images": [_image_value(base / name) for name in record.names], "messages": record.messages}
+                yield {
+                    "images": [_image_value(_image_path(base, name)) for name in record.names],
+                    "messages": record.messages,
+                }
                 continue
             image_id = record.image_id
             if image_id is None:
@@ -447,19 +497,22 @@ class _JsonlStream:
                 continue
             report.num_rows, report.num_images = report.num_rows + len(record.captions), report.num_images + 1
             for caption in record.captions:
-                yield {"image": _image_value(base / record.name), "caption": caption, "image_id": image_id}
+                yield {"image": _image_value(_image_path(base, record.name)), "caption": caption, "image_id": image_id}
         report._end_pass()
 
 
-def _load_streaming(source: Path, image_keys, caption_keys, verify: bool) -> tuple[IterableDataset, LoadReport]:
-    # One pass over the metadata now, holding nothing, so a malformed line fails here and not hours into training.
+def _load_streaming(
+    source: Path, image_keys, caption_keys, verify: bool, allow_outside_paths: bool
+) -> tuple[IterableDataset, LoadReport]:
+    # One pass over the metadata now, holding nothing, so a malformed line (or a path leaving the folder) fails here
+    # and not hours into training.
     kind, next_id = None, 0
-    for record in _parse_all(_iter_jsonl(source), source, image_keys, caption_keys):
+    for record in _parse_all(_iter_jsonl(source), source, image_keys, caption_keys, allow_outside_paths):
         kind = kind or type(record)
         if isinstance(record, _Caption) and record.image_id is not None:
             next_id = max(next_id, record.image_id + 1)
     report = LoadReport(str(source))
-    stream = _JsonlStream(source, image_keys, caption_keys, verify, report, next_id)
+    stream = _JsonlStream(source, image_keys, caption_keys, verify, report, next_id, allow_outside_paths)
     features = _chat_features() if kind is _Chat else _caption_features()
     return require_datasets().IterableDataset.from_generator(stream, features=features), report
 
@@ -470,16 +523,18 @@ def load_image_text_folder(
     verify_images: bool = True,
     return_report: bool = False,
     streaming: bool = False,
+    allow_outside_paths: bool = False,
 ) -> Dataset | IterableDataset | tuple[Dataset | IterableDataset, LoadReport]:
     """
     Load a folder of images described by a `metadata.jsonl`, the layout of `datasets`' imagefolder.
 
-    Each line of the metadata is a JSON object with `file_name` (relative to the folder) and either a caption or a
-    chat. A caption is `text` or `caption` (a string, or a list of strings for several captions of one image), with
-    an optional `image_id` (images without one are numbered after the largest given id). A chat is `messages` (see
-    `normalize_messages`) with `file_name` or `images` (a list) holding as many images as the messages have image
-    entries. Missing or unreadable images are skipped, counted in the report and named in a warning; malformed
-    metadata lines raise a `ValueError` naming the line, at load time, streaming or not.
+    Each line of the metadata is a JSON object with `file_name` (relative to the folder, and inside it unless
+    `allow_outside_paths=True`) and either a caption or a chat. A caption is `text` or `caption` (a string, or a list
+    of strings for several captions of one image), with an optional `image_id` (images without one are numbered after
+    the largest given id). A chat is `messages` (see `normalize_messages`) with `file_name` or `images` (a list)
+    holding as many images as the messages have image entries. Missing or unreadable images are skipped, counted in
+    the report and named in a warning; malformed metadata lines raise a `ValueError` naming the line, at load time,
+    streaming or not.
 
     Args:
         path (`str` or `os.PathLike`):
@@ -497,6 +552,10 @@ def load_image_text_folder(
             than memory. A warning at the end of each pass sums up what was skipped; see `SkippedImagesCallback` to
             log it from the Trainer. The metadata is one shard to `datasets`, so one DataLoader worker reads it: use
             tar shards (`load_image_text_shards`) to spread decoding over workers.
+        allow_outside_paths (`bool`, *optional*, defaults to `False`):
+            Accept image paths that leave the folder (absolute, or climbing out with `..`). Off by default, so a
+            metadata file cannot read images from anywhere on the machine: such a path raises a `ValueError` naming
+            its line, at load time (streaming too). Symlinks are not resolved, so a linked image folder is inside.
 
     Returns:
         A `datasets.Dataset` (or `IterableDataset`) with columns `image` (`datasets.Image()`, stored as file paths),
@@ -531,7 +590,7 @@ def load_image_text_folder(
             '{"file_name": "0001.png", "text": "a red circle"}.'
         )
     load = _load_streaming if streaming else _load_eager
-    dataset, report = load(metadata, IMAGE_KEYS, CAPTION_KEYS, verify_images)
+    dataset, report = load(metadata, IMAGE_KEYS, CAPTION_KEYS, verify_images, allow_outside_paths)
     return (dataset, report) if return_report else dataset
 
 
@@ -542,17 +601,19 @@ def load_image_text_jsonl(
     verify_images: bool = True,
     return_report: bool = False,
     streaming: bool = False,
+    allow_outside_paths: bool = False,
 ) -> Dataset | IterableDataset | tuple[Dataset | IterableDataset, LoadReport]:
     """
     Load a jsonl file of image paths with captions or chats: `{"image": "imgs/1.jpg", "caption": "a dog"}` or
     `{"images": ["imgs/1.jpg"], "messages": [{"role": "user", "content": "<image>\\nWhat is it?"}, ...]}` per line.
 
-    Image paths are absolute or relative to the jsonl file's folder. By default the image path is read from the
-    first present key of `file_name`, `image`, `image_path`, `path` (chats also take `images`, a list), and the
-    caption from `text`, `caption`, `captions` (a string or a list of strings). A file holds captions or chats, not
-    both. Chats are checked and normalised by `normalize_messages`, and must have one image entry per listed image.
-    Missing or unreadable images are skipped, counted in the report and named in a warning; malformed lines raise a
-    `ValueError` naming the line, at load time, streaming or not.
+    Image paths are relative to the jsonl file's folder and must stay inside it; absolute paths and paths that climb
+    out of it (`../`) need `allow_outside_paths=True`. By default the image path is read from the first present key
+    of `file_name`, `image`, `image_path`, `path` (chats also take `images`, a list), and the caption from `text`,
+    `caption`, `captions` (a string or a list of strings). A file holds captions or chats, not both. Chats are
+    checked and normalised by `normalize_messages`, and must have one image entry per listed image. Missing or
+    unreadable images are skipped, counted in the report and named in a warning; malformed lines raise a `ValueError`
+    naming the line, at load time, streaming or not.
 
     Args:
         path (`str` or `os.PathLike`):
@@ -569,6 +630,9 @@ def load_image_text_jsonl(
         streaming (`bool`, *optional*, defaults to `False`):
             Return a `datasets.IterableDataset` that decodes images only as rows are read (see
             `load_image_text_folder`).
+        allow_outside_paths (`bool`, *optional*, defaults to `False`):
+            Accept absolute image paths and relative ones that leave the jsonl file's folder (`..`); without it they
+            raise a `ValueError` naming the line, at load time (streaming too). Symlinks are not resolved.
 
     Returns:
         A `datasets.Dataset` (or `IterableDataset`) with columns `image`, `caption`, `image_id`, or `images`,
@@ -601,7 +665,7 @@ def load_image_text_jsonl(
     image_keys = (image_key,) if image_key else IMAGE_KEYS
     caption_keys = (caption_key,) if caption_key else CAPTION_KEYS
     load = _load_streaming if streaming else _load_eager
-    dataset, report = load(source, image_keys, caption_keys, verify_images)
+    dataset, report = load(source, image_keys, caption_keys, verify_images, allow_outside_paths)
     return (dataset, report) if return_report else dataset
 
 

@@ -1,4 +1,5 @@
-"""Pieces the bridges and models share: the eager attention kernel, the image-feature check, the vision-tower run."""
+"""Pieces the bridges and models share: the eager attention kernel, the image-feature and pixel checks, the
+vision-tower run."""
 
 from __future__ import annotations
 
@@ -62,3 +63,57 @@ def vision_tower_features(
             pixel_values=pixel_values.to(tower.dtype), output_hidden_states=feature_layer is not None, return_dict=True
         )
     return outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return True
+    return torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def check_pixel_values(pixel_values: torch.Tensor | list | tuple, check_finite: bool = True) -> torch.Tensor:
+    """
+    The `pixel_values` a model takes, checked: a list / tuple of same-shape tensors is stacked, and raw or broken
+    pixels raise an error that names the fix instead of training on garbage.
+
+    - An integer dtype (`uint8` / `int64` 0..255) means the images were never rescaled and normalised: `TypeError`.
+    - NaN or inf values: `ValueError`. This is one `torch.isfinite(...).all()` (a device sync), skipped while
+      compiling or tracing, where a data-dependent branch would break the graph.
+
+    Args:
+        pixel_values (`torch.Tensor`, or a list / tuple of tensors of one shape):
+            The images, `(num_images, C, H, W)` or any-res `(num_images, max_tiles, C, H, W)`; a list holds one
+            `(C, H, W)` (or `(max_tiles, C, H, W)`) tensor per image.
+        check_finite (`bool`, *optional*, defaults to `True`):
+            Whether to look for NaN / inf. Any-res callers pass `False` for the padded batch and check the real tiles
+            once selected: padding tiles are never encoded, so whatever they hold is harmless.
+
+    Returns:
+        `torch.Tensor`: `pixel_values` as one tensor.
+    """
+    fix = "run the images through the processor (BridgeProcessor, or the vision tower's image processor)"
+    if isinstance(pixel_values, (list, tuple)):
+        if not pixel_values or not all(isinstance(value, torch.Tensor) for value in pixel_values):
+            raise TypeError(f"pixel_values must be a tensor or a non-empty list of tensors: {fix}.")
+        shapes = sorted({tuple(value.shape) for value in pixel_values})
+        if len(shapes) > 1:
+            raise ValueError(
+                f"pixel_values is a list of tensors of different shapes {shapes[:4]}, which cannot be batched: "
+                f"{fix}, which resizes every image to the vision tower's input size (any-res: "
+                "BridgeAnyResImageProcessor pads the tiles)."
+            )
+        pixel_values = torch.stack(list(pixel_values))  # (num_images, ...)
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a tensor, got {type(pixel_values).__name__}: {fix}.")
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values have dtype {pixel_values.dtype}, i.e. raw pixels that were never rescaled and normalised: "
+            f"{fix} and pass its float `pixel_values`."
+        )
+    if check_finite and not _is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError(
+            "pixel_values hold NaN or inf values: check the images and the image processor's image_mean / "
+            f"image_std (a zero std divides by zero); {fix}."
+        )
+    return pixel_values

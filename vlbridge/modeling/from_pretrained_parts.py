@@ -59,10 +59,13 @@ def from_vision_text_pretrained(
     """See [`BridgeVLMForConditionalGeneration.from_vision_text_pretrained`]."""
     vision_config, vision_state = _vision_weights(vision_path, dtype)
     text_config, text_model = _text_weights(text_path, dtype)
-    vocab_size = text_config.vocab_size
     if image_token_id is None:
         image_token_id, tokenizer_size = _image_token(text_path, image_token)
-        vocab_size = max(vocab_size, tokenizer_size)
+        if tokenizer_size > text_config.vocab_size:
+            # Grow the source LM before the config is built: the config refuses an image_token_id past the
+            # vocabulary. The new <image> row is never predicted: its input embedding is overwritten by image tokens.
+            text_model.resize_token_embeddings(tokenizer_size)
+            text_config.vocab_size = text_model.get_input_embeddings().num_embeddings
     if isinstance(bridge_config, dict):
         bridge_config = AutoConfig.for_model(**bridge_config)
     config = BridgeVLMConfig(
@@ -92,9 +95,6 @@ def from_vision_text_pretrained(
     if missing:
         raise ValueError(f"{text_path} lacks language-model weights {missing[:5]}...")
     model.lm_head.load_state_dict(text_model.get_output_embeddings().state_dict())
-    if vocab_size > text_config.vocab_size:
-        # The new <image> row is never predicted: its input embedding is overwritten by image tokens.
-        model.resize_token_embeddings(vocab_size)
     model.tie_weights()
     logger.info(f"Built a VLM from {vision_path} (vision) and {text_path} (language); the bridge is new.")
     return model

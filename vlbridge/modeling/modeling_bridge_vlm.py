@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput, logging
 from ..configuration import BridgeVLMConfig
 from ..trainers.freezing import FreezingMixin
 from .anyres import AnyResTiles, expand_images_for_generation, images_per_sample
-from .bridge_utils import vision_tower_features
+from .bridge_utils import check_pixel_values, vision_tower_features
 from .compat import CACHE_KEY
 from .from_pretrained_parts import from_vision_text_pretrained
 from .hub import push_to_hub_with_processor
@@ -107,6 +107,12 @@ class BridgeVLMPreTrainedModel(FreezingMixin, PreTrainedModel):
     # The bridge is small and numerically delicate (BLIP-2 keeps its Q-Former in fp32 for the same reason): it stays
     # fp32 when the rest is loaded in bf16 / fp16, and activations are cast at its boundaries.
     _keep_in_fp32_modules_strict = ["bridge"]
+    # A Q-Former bridge has its text branch only in InstructBLIP mode (`use_qformer_text_input`); checkpoints saved
+    # before the bridge followed that flag hold it anyway, and those weights are dropped without a warning.
+    _keys_to_ignore_on_load_unexpected = [
+        r"bridge\.embeddings\.(word|position)_embeddings\.",
+        r"bridge\.encoder\.layer\.\d+\.(intermediate|output)\.",
+    ]
 
     def _init_weights(self, module: nn.Module) -> None:
         if module is getattr(self, "language_projection", None):
@@ -203,7 +209,20 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
             `torch.FloatTensor` of shape `(num_images, num_image_tokens, embed_dim)`, in the language projection's
             dtype; with any-res `(num_real_tiles, num_image_tokens, embed_dim)`, tiles image after image, so that an
             image's tokens are the concatenation of its tiles'.
+
+        Raises:
+            `TypeError` / `ValueError`: for pixel values no processor made (integer dtypes, NaN / inf, a list of
+            tensors of different shapes; a list of one shape is stacked), see [`check_pixel_values`].
         """
+        return self._image_features(
+            check_pixel_values(pixel_values, check_finite=False), image_attention_mask, qformer_input_ids,
+            qformer_attention_mask, image_sizes,
+        )  # fmt: skip
+
+    def _image_features(
+        self, pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes
+    ) -> torch.FloatTensor:
+        """`get_image_features` on pixel values already stacked and type-checked; looks for NaN / inf itself."""
         tiles = None
         if pixel_values.dim() == 5:
             if image_attention_mask is not None:
@@ -220,6 +239,8 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
                 "image_sizes goes with any-res pixel_values of shape (num_images, max_tiles, C, H, W), got "
                 f"{tuple(pixel_values.shape)}: drop image_sizes, or use BridgeAnyResImageProcessor."
             )
+        # After tile selection: padding tiles are never encoded, so only the real ones must be finite.
+        pixel_values = check_pixel_values(pixel_values)  # (num_images or num_real_tiles, C, H, W)
         image_embeds = self._vision_features(pixel_values)  # (num_images, P, Dv)
         if tiles is not None and self.config.anyres_mask_padding:
             image_attention_mask = tiles.feature_mask(
@@ -236,9 +257,9 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
                     "qformer_input_ids, as BridgeProcessor returns them when built with a qformer_tokenizer."
                 )
             bridge_kwargs = {"input_ids": qformer_input_ids, "attention_mask": qformer_attention_mask}
-        bridge_outputs = self.bridge(
-            image_embeds=image_embeds, image_attention_mask=image_attention_mask, **bridge_kwargs
-        )
+        # image_embeds goes first and by position: peft < 0.19 wraps a `modules_to_save` bridge in a module whose
+        # forward takes the input as positional `x` (LoRA with `train_bridge=True`).
+        bridge_outputs = self.bridge(image_embeds, image_attention_mask=image_attention_mask, **bridge_kwargs)
         image_tokens = bridge_outputs.image_tokens  # (num_images, N, Db), in the bridge's fp32
         projection_dtype = self.language_projection.weight.dtype
         return self.language_projection(image_tokens.to(projection_dtype))  # (num_images, N, Dt)
@@ -282,7 +303,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, Dt)
-        placeholder_mask = self._placeholder_mask(input_ids, inputs_embeds)  # (B, T)
+        placeholder_mask = self._placeholder_mask(input_ids, inputs_embeds, pixel_values is not None)  # (B, T)
         if pixel_values is None:
             if placeholder_mask.any():
                 raise ValueError(
@@ -290,11 +311,13 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
                     "pass the images to the processor together with the text."
                 )
             return inputs_embeds, None
+        # A list is stacked before `.dim()` below; NaN / inf are looked for in `_image_features`, on real tiles only.
+        pixel_values = check_pixel_values(pixel_values, check_finite=False)  # (num_images, C, H, W) or 5-D any-res
         anyres_images = pixel_values.shape[0] if pixel_values.dim() == 5 else None
         qformer_input_ids, qformer_attention_mask = self._per_image_qformer_inputs(
             input_ids, qformer_input_ids, qformer_attention_mask, anyres_images
         )
-        image_features = self.get_image_features(
+        image_features = self._image_features(
             pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes=image_sizes
         )
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -311,11 +334,51 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
         return inputs_embeds, image_features
 
-    def _placeholder_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+    def _placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor, has_images: bool = True
+    ) -> torch.Tensor:
+        """Boolean `(batch_size, sequence_length)` mask of the `<image>` placeholder positions."""
+        if self.config.image_token_id is None:
+            # The config allows None (transformers builds `BridgeVLMConfig()` itself), but then no position can hold
+            # an image: text alone still runs, images are refused here rather than failing deep in the scatter.
+            if has_images:
+                raise ValueError(
+                    "pixel_values were given but config.image_token_id is None, so no placeholder can take the image "
+                    "tokens: set config.image_token_id to the processor's `image_token_id` (after "
+                    "`model.resize_token_embeddings(len(processor.tokenizer))` if the processor added <image>)."
+                )
+            return torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
         if input_ids is not None:
             return input_ids == self.config.image_token_id
         image_embedding = self.get_input_embeddings().weight[self.config.image_token_id]
         return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
+
+    def _check_sequence_length(self, input_ids, inputs_embeds, encoder_outputs, cache) -> None:
+        """
+        Raise a `ValueError` naming the fix when the input runs past the language model's
+        `max_position_embeddings` (when its config has one): a learned position table (OPT, GPT-2, BART) would
+        otherwise fail deep inside with `IndexError: index out of range in self`, or a rotary one silently run on
+        positions it never saw. Decoder-only: the input plus the cached tokens; encoder-decoder: the encoder input.
+        """
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        encoded = self.config.is_encoder_decoder and encoder_outputs is not None  # the encoder input was checked
+        if not isinstance(limit, int) or tokens is None or encoded:
+            return
+        past = 0
+        if not self.config.is_encoder_decoder and cache is not None and hasattr(cache, "get_seq_length"):
+            past = int(cache.get_seq_length())
+        length = tokens.shape[1] + past
+        if length <= limit:
+            return
+        cached = f" ({tokens.shape[1]} new + {past} cached)" if past else ""
+        raise ValueError(
+            f"The input is {length} tokens long{cached}, but the language model takes at most {limit} "
+            f"(text_config.max_position_embeddings). Truncate the text when building the batch: "
+            f"CaptionCollator(processor, max_length={limit}) / ChatCollator(processor, max_length={limit}), or "
+            f"processor(..., truncation=True, max_length={limit}) (image tokens count too); when generating, lower "
+            "max_new_tokens."
+        )
 
     def forward(
         self,
@@ -354,6 +417,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
             `past_key_values` before): it is passed on under the name the installed release uses.
         """
         image_features = None
+        self._check_sequence_length(input_ids, inputs_embeds, encoder_outputs, kwargs.get(CACHE_KEY))
         if encoder_outputs is None or not self.config.is_encoder_decoder:
             if input_ids is not None or inputs_embeds is not None:
                 inputs_embeds, image_features = self.merge_image_tokens(

@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput, logging
 from ..configuration.configuration_qformer import QFormerConfig
 from ..configuration.configuration_qformer_pretraining import QFormerPretrainingConfig
 from . import stage1_losses as losses
-from .bridge_utils import vision_tower_features
+from .bridge_utils import check_pixel_values, vision_tower_features
 from .modeling_qformer import QFormerModel
 from .stage1_accumulation import AccumulationWindow, windowed_forward
 
@@ -299,7 +299,7 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         Pass `pixel_values`, or the vision features `image_embeds` from [`get_vision_features`].
         """
         if image_embeds is None:
-            image_embeds = self.get_vision_features(pixel_values)
+            image_embeds = self.get_vision_features(check_pixel_values(pixel_values))  # (B, P, Dv)
         query_output = self.qformer(image_embeds=image_embeds).image_tokens  # (B, Q, H)
         return F.normalize(self.vision_proj(query_output), dim=-1)
 
@@ -395,6 +395,7 @@ class QFormerForImageTextPretraining(PreTrainedModel):
                 so that the accumulated loss and gradients equal those of the larger batch (see
                 `vlbridge.modeling.stage1_accumulation`).
         """
+        pixel_values = check_pixel_values(pixel_values)  # (B, C, H, W); raises on raw or broken pixels
         self._clamp_temperature()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -620,7 +621,7 @@ class QFormerForImageTextPretraining(PreTrainedModel):
         config = self.config
         if config.decoder_start_token_id is None:
             raise ValueError("Captioning needs config.decoder_start_token_id (BLIP-2's [DEC]).")
-        image_embeds = self.get_vision_features(pixel_values)
+        image_embeds = self.get_vision_features(check_pixel_values(pixel_values))  # (B, P, Dv)
         batch_size = image_embeds.shape[0]
         ids = torch.full((batch_size, 1), config.decoder_start_token_id, dtype=torch.long, device=image_embeds.device)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=ids.device)

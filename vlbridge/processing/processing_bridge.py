@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from PIL import Image
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput, make_flat_list_of_images
@@ -19,6 +20,8 @@ from transformers.tokenization_utils_base import (
     TextInput,
 )
 from transformers.utils import cached_file, logging
+
+from .image_utils import to_rgb_image
 
 
 try:  # Placeholders that `mark_control_tokens` escaped in user input are text, not images (transformers >= 5.2x).
@@ -126,7 +129,8 @@ class BridgeProcessor(ProcessorMixin):
             Image processor of the vision tower (e.g. [`CLIPImageProcessor`], [`SiglipImageProcessor`]).
         tokenizer ([`PreTrainedTokenizerBase`]):
             Tokenizer of the language model. `image_token` is added to it as a special token if it is missing, in
-            which case the language model's embeddings must be resized (a warning says so).
+            which case the language model's embeddings must be resized (a warning says so, unless `image_token_id`
+            shows the model already has it).
         qformer_tokenizer ([`PreTrainedTokenizerBase`], *optional*):
             Tokenizer of an instruction-aware Q-Former (InstructBLIP). When given, the processor also returns
             `qformer_input_ids` and `qformer_attention_mask`, tokenized from the text with the image placeholders and
@@ -141,6 +145,10 @@ class BridgeProcessor(ProcessorMixin):
         num_image_tokens (`int`, *optional*, defaults to 32):
             Tokens each image (each tile, with any-res) takes in `input_ids`: `BridgeVLMConfig.num_image_tokens`, i.e.
             the bridge's output length (Q-Former queries, Perceiver latents, or MLP-projected patches).
+        image_token_id (`int`, *optional*):
+            The model's `config.image_token_id`. The tokenizer must encode `image_token` as this id (else a
+            `ValueError`); when `image_token` has to be added to the tokenizer, it tells the processor that the model
+            already has the token (as after `from_vision_text_pretrained`), so no resize warning is given.
 
     Example:
 
@@ -179,6 +187,7 @@ class BridgeProcessor(ProcessorMixin):
         chat_template: str | None = None,
         image_token: str | None = None,
         num_image_tokens: int = 32,
+        image_token_id: int | None = None,
         **kwargs,
     ):
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
@@ -188,7 +197,7 @@ class BridgeProcessor(ProcessorMixin):
                 f"num_image_tokens must be a positive integer, got {num_image_tokens!r}: pass the model's "
                 "`config.num_image_tokens` (the number of tokens the bridge outputs per image)."
             )
-        self.image_token = self._ensure_image_token(tokenizer, image_token)
+        self.image_token = self._ensure_image_token(tokenizer, image_token, image_token_id)
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.num_image_tokens = num_image_tokens
         if chat_template is None:
@@ -196,20 +205,40 @@ class BridgeProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template, **kwargs)
 
     @staticmethod
-    def _ensure_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str | None) -> str:
-        """Resolve the placeholder string and make sure the tokenizer encodes it as one token."""
+    def _ensure_image_token(
+        tokenizer: PreTrainedTokenizerBase, image_token: str | None, model_image_token_id: int | None = None
+    ) -> str:
+        """
+        Resolve the placeholder string and make sure the tokenizer encodes it as one token.
+
+        When the token has to be added, the model must grow its embeddings and learn the new id; a warning says so,
+        unless `model_image_token_id` (the model's `config.image_token_id`) shows that the model already did, as
+        `from_vision_text_pretrained` does when it adds `<image>` to the same language model's tokenizer.
+        """
         if image_token is None:
             image_token = getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
         # A tokenizer may expose its image token as an `AddedToken` or, via `extra_special_tokens`, as a plain string.
         image_token = str(getattr(image_token, "content", image_token))
         ids = tokenizer.encode(image_token, add_special_tokens=False)
-        if len(ids) != 1 or (tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id):
+        added = len(ids) != 1 or (tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id)
+        if added:
             tokenizer.add_tokens([AddedToken(image_token, normalized=False, special=True)], special_tokens=True)
-            logger.warning(
-                f"Added {image_token!r} to the tokenizer as special token id "
-                f"{tokenizer.convert_tokens_to_ids(image_token)} (vocabulary size now {len(tokenizer)}): call "
-                "`model.resize_token_embeddings(len(processor.tokenizer))` and set `config.image_token_id` to it."
+        token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if model_image_token_id is not None and model_image_token_id != token_id:
+            # Placeholders the model does not recognise would put text embeddings where the image should be.
+            raise ValueError(
+                f"The tokenizer encodes {image_token!r} as id {token_id}, but the model's config.image_token_id is "
+                f"{model_image_token_id}: build the processor with the tokenizer the model was built or trained with."
             )
+        if added and model_image_token_id is None:
+            logger.warning(
+                f"Added {image_token!r} to the tokenizer as special token id {token_id} (vocabulary size now "
+                f"{len(tokenizer)}): call `model.resize_token_embeddings(len(processor.tokenizer))` and set "
+                "`config.image_token_id` to it, or pass the model's `image_token_id` to the processor when the model "
+                "already has it (`from_vision_text_pretrained` adds it)."
+            )
+        elif added:
+            logger.info(f"Added {image_token!r} to the tokenizer as id {token_id}, the model's image_token_id.")
         return image_token
 
     def check_argument_for_proper_class(self, argument_name, argument):
@@ -300,7 +329,9 @@ class BridgeProcessor(ProcessorMixin):
 
         Args:
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, or a (nested) list of them, *optional*):
-                The images: one, a flat list matched to the placeholders in order, or one list per text.
+                The images: one, a flat list matched to the placeholders in order, or one list per text. Each is
+                turned into 8-bit RGB by [`~image_utils.to_rgb_image`] first, so 16-bit, 32-bit integer and float
+                (in [0, 1]) images are rescaled rather than clipped (arrays are kept as given with `do_rescale=False`).
             text (`str` or `list[str]`, *optional*):
                 The text, with one `image_token` where each image goes.
             kwargs:
@@ -337,6 +368,13 @@ class BridgeProcessor(ProcessorMixin):
         data: dict[str, Any] = {}
         flat_images, images_per_sample = self._split_images(images, text)
         if flat_images:
+            # 16-bit and float images are rescaled to 8 bits here: the image processor's own RGB conversion clips
+            # them. With rescaling turned off the caller's arrays are already on the scale they want: kept as given.
+            rescale = merged["images_kwargs"].get("do_rescale", getattr(self.image_processor, "do_rescale", True))
+            flat_images = [
+                to_rgb_image(image) if rescale is not False or isinstance(image, Image.Image) else image
+                for image in flat_images
+            ]
             data.update(self.image_processor(flat_images, **merged["images_kwargs"]))
         if text is not None:
             placeholders = self._check_placeholders(text, len(flat_images), images_per_sample)

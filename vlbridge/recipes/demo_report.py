@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..data.synthetic import Scene
 from ..data.synthetic_vqa import write_questions
+from ..processing.image_utils import to_rgb_image
 from ..report import HeldOutExample, RetrievalExample, render_report
 from ..trainers.stage1_eval import retrieval_caption
 from .common import RecipeResult
@@ -37,7 +38,7 @@ def held_out_examples(
         num_examples, settings["image_size"], seed=settings.get("data_seed_value", 0),
         max_objects=settings["max_objects"], captions_per_image=settings.get("captions_per_image", 3),
     )  # fmt: skip
-    pictures = [row["image"].convert("RGB") for row in images]
+    pictures = [to_rgb_image(row["image"]) for row in images]
     captioner = load_checkpoint(stage2.output_dir)
     captions = caption_images(captioner, pictures, prompt=settings.get("prompt") or "", max_new_tokens=20)
     asked = []
@@ -66,7 +67,7 @@ def retrieval_example(stage1: RecipeResult, settings: dict, top_k: int) -> Retri
         settings["num_eval_images"], settings["image_size"], seed=settings.get("data_seed_value", 0),
         max_objects=settings["max_objects"], captions_per_image=settings.get("captions_per_image", 3),
     )  # fmt: skip
-    pictures = [row["image"].convert("RGB") for row in images]
+    pictures = [to_rgb_image(row["image"]) for row in images]
     query = retrieval_caption(images[0])
     _, scores_t2i = rank_matches(load_checkpoint(stage1.output_dir), pictures, [query],
                                  k_test=min(settings.get("k_test", 16), len(pictures)))  # fmt: skip

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..data import group_captions, make_synthetic_image_text, make_synthetic_vqa
+from ..processing.image_utils import to_rgb_image
 from ..trainers.generative_eval import DEFAULT_CAPTION_PROMPT
 
 
@@ -157,11 +158,8 @@ def answer_questions(checkpoint: Checkpoint, images: list, questions: list[str],
 
 
 def load_image(image) -> Image.Image:
-    """A PIL image from a path or a PIL image, in RGB."""
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    return image.convert("RGB")
+    """An 8-bit RGB PIL image from a path, a PIL image or an array (see [`to_rgb_image`] for 16-bit and float data)."""
+    return to_rgb_image(image)
 
 
 def stage1_collator(checkpoint: Checkpoint, max_length: int = 32):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..processing.image_utils import to_rgb_image
 from .plots import plot_loss_curves
 from .tables import metric_rows
 
@@ -83,7 +84,7 @@ def _slug(name: str) -> str:
 
 
 def _save_image(image: Image.Image, folder: Path, name: str) -> str:
-    image.convert("RGB").save(folder / name, format="PNG")
+    to_rgb_image(image).save(folder / name, format="PNG")
     return name
 
 

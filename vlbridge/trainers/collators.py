@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
+
+from ..processing.image_utils import to_rgb_image
 
 
 @dataclass
@@ -62,16 +63,8 @@ class ImageTextCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        images = [_as_rgb(row[self.image_column]) for row in rows]
+        images = [to_rgb_image(row[self.image_column]) for row in rows]
         text = self.tokenize([row[self.text_column] for row in rows])
         image_ids = torch.tensor([row.get(self.id_column, i) for i, row in enumerate(rows)])
         pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, **text, "image_ids": image_ids}
-
-
-def _as_rgb(image) -> Image.Image:
-    if isinstance(image, dict) and "bytes" in image:  # an undecoded `datasets.Image` cell
-        import io
-
-        image = Image.open(io.BytesIO(image["bytes"]))
-    return image.convert("RGB") if isinstance(image, Image.Image) else image

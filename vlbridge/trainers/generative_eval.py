@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..data.synthetic import group_captions
 from ..metrics.caption_metrics import bleu, cider_d, vqa_accuracy
-from .collators import _as_rgb
+from ..processing.image_utils import to_rgb_image
 
 
 TASKS = ("caption", "vqa")
@@ -223,7 +223,7 @@ def _generate(
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress):
             stop = min(start + batch_size, len(texts))
-            images = [_as_rgb(image) for image in dataset[start:stop]["image"]]
+            images = [to_rgb_image(image) for image in dataset[start:stop]["image"]]
             inputs = processor(
                 images=[[image] for image in images],
                 text=texts[start:stop],

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..data.synthetic import CAPTION_WRITERS, Scene
 from ..modeling.retrieval import ImageTextRetriever
+from ..processing.image_utils import to_rgb_image
 
 
 @torch.no_grad()
@@ -53,7 +54,7 @@ def evaluate_stage1(
     model.eval()
     rows = [images_dataset[i] for i in range(len(images_dataset))]
     texts = [retrieval_caption(row, retrieval_style) for row in rows]
-    images = [row["image"].convert("RGB") for row in rows]
+    images = [to_rgb_image(row["image"]) for row in rows]
     pixel_values = torch.cat(
         [
             collator.image_processor(images[i : i + batch_size], return_tensors="pt")["pixel_values"]

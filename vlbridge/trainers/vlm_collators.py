@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .collators import _as_rgb
+from ..processing.image_utils import to_rgb_image
 
 
 logger = logging.get_logger(__name__)
@@ -282,7 +282,7 @@ class CaptionCollator(_VLMCollator):
             image = image[0]
         if image is None:
             raise ValueError(f"Row {index} has no image in {self.image_column!r}.")
-        return _as_rgb(image)
+        return to_rgb_image(image)
 
     def _caption(self, row: dict[str, Any], index: int) -> str:
         caption = row[self.text_column]
@@ -449,7 +449,7 @@ class ChatCollator(_VLMCollator):
             return []
         if not isinstance(images, (list, tuple)):
             images = [images]
-        return [_as_rgb(image) for image in images]
+        return [to_rgb_image(image) for image in images]
 
     def _example(self, index: int, conversation: list[dict], ids: list[int], mask: list[int]) -> _Example:
         if not any(mask):
