@@ -25,7 +25,7 @@ from transformers import SiglipImageProcessorPil
 
 from vlbridge import BridgeVLMForConditionalGeneration, QFormerForImageTextPretraining, QFormerPretrainingConfig
 from vlbridge.data import load_image_text_folder, load_image_text_jsonl
-from vlbridge.processing import BridgeProcessor
+from vlbridge.processing import BridgeAnyResImageProcessor, BridgeProcessor
 from vlbridge.processing.image_utils import to_rgb_image
 from vlbridge.trainers import CaptionCollator, ImageTextCollator
 
@@ -115,6 +115,15 @@ def test_processor_gives_the_8bit_pixel_values_for_16bit_32bit_and_float_images(
         image = same_content(grey)[name]
         got = processor(images=image, text="<image> a", return_tensors="pt")["pixel_values"]
         assert got.shape == expected.shape, name
+        assert (got - expected).abs().max() <= ONE_LEVEL, name
+
+
+def test_anyres_image_processor_called_directly_rescales_16bit_and_float_images():
+    image_processor = BridgeAnyResImageProcessor(size={"height": 16, "width": 16})
+    grey = grey_8bit()
+    expected = image_processor(Image.fromarray(grey).convert("RGB"), return_tensors="pt")["pixel_values"]
+    for name in ("I;16", "I", "F"):
+        got = image_processor([same_content(grey)[name]], return_tensors="pt")["pixel_values"]
         assert (got - expected).abs().max() <= ONE_LEVEL, name
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from PIL import Image
 from transformers.image_processing_utils import select_best_resolution
 from transformers.image_utils import PILImageResampling, SizeDict
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+from .image_utils import to_rgb_image
 
 
 # BLIP-3 / xGen-MM `--anyres_grids "(1,2),(2,1),(2,2),(3,1),(1,3)"`, as (rows, columns) of base-size tiles.
@@ -157,6 +160,11 @@ class BridgeAnyResImageProcessor(LlavaNextImageProcessorPil):
                     f"use grid_pinpoints_from_grids({height}, grids) to build them from (rows, columns) grids."
                 )
 
+    def preprocess(self, images, *args, **kwargs):
+        """transformers' `preprocess`, with PIL images of any mode made 8-bit RGB by [`to_rgb_image`] first: the PIL
+        backend's own conversion clips 16-bit and float images (a 16-bit PNG comes out almost all white)."""
+        return super().preprocess(_pil_to_rgb(images), *args, **kwargs)
+
     @property
     def tile_size(self) -> int:
         """Side of a tile in pixels (`size`), the vision tower's input size."""
@@ -177,6 +185,13 @@ class BridgeAnyResImageProcessor(LlavaNextImageProcessorPil):
         size = images_kwargs.get("size") or self.size
         tile = size.height if isinstance(size, SizeDict) else size["height"]
         return anyres_num_tiles((height, width), pinpoints, tile)
+
+
+def _pil_to_rgb(images):
+    """`images` (one, a list, or nested lists) with every PIL image made 8-bit RGB; arrays and tensors as given."""
+    if isinstance(images, (list, tuple)):
+        return [_pil_to_rgb(image) for image in images]
+    return to_rgb_image(images) if isinstance(images, Image.Image) and images.mode != "RGB" else images
 
 
 __all__ = [
