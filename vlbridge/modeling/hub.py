@@ -10,9 +10,16 @@ as a file in the checkpoint), and copying vlbridge's modeling files into every c
 checkpoint carries `vlbridge_auto.py`, a few import lines that re-export the installed vlbridge classes; without
 vlbridge installed, transformers' error names the missing package.
 
-A plain `save_pretrained` keeps `auto_map` in `config.json` but does not write `vlbridge_auto.py` (and in a process
-that loaded through `trust_remote_code`, transformers points `AutoConfig` at a copied vlbridge file): loading after
-`import vlbridge` is unaffected, and [`add_auto_map`], which every vlbridge save helper calls, puts both right.
+`save_pretrained` of the VLM and of the stage-1 model writes the same folder ([`SelfDescribingMixin`]): `auto_map` in
+`config.json` (and in `processor_config.json` when a processor is saved there first), `vlbridge_auto.py` and a model
+card, so that a folder from a plain `save_pretrained` loads everywhere a pushed one does. `auto_map` also keeps a
+process without `import vlbridge` from loading the folder wrongly: without `auto_map` in `processor_config.json`,
+`AutoProcessor` does not recognise `BridgeProcessor` and silently returns the bare tokenizer, and `AutoConfig` says
+the `vlbridge` model type is unknown to an "out of date" transformers. With it, both refuse with transformers'
+"contains custom code ... pass `trust_remote_code=True`" error (after a y/N prompt in a terminal), and
+`trust_remote_code=True` loads the installed vlbridge classes; if vlbridge is not installed, `vlbridge_auto.py` raises
+an `ImportError` naming `pip install vlbridge` and `import vlbridge`. The wording of the first error is
+transformers': nothing of the folder's reaches it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 from transformers.utils.hub import hf_api
+
+from ..configuration.remote_code import AUTO_MAP_FILE, add_auto_map_entries, auto_map_entry, write_remote_code_shim
 
 
 CARD_TEMPLATE = """---
@@ -135,7 +144,6 @@ def push_to_hub_with_processor(
         )
 
 
-AUTO_MAP_FILE = "vlbridge_auto.py"
 # The Auto classes a vlbridge checkpoint can resolve through, most specific first: the card's usage snippet shows the
 # first one that gives the saved architecture.
 MODEL_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForPreTraining", "AutoModel")
@@ -150,13 +158,6 @@ STAGES = {
 }
 
 PIPELINE_TAGS = {"vlbridge": "image-text-to-text", "vlbridge_qformer_pretraining": "zero-shot-image-classification"}
-
-_AUTO_MAP_MODULE = '''"""Written by vlbridge {version}. The `auto_map` in config.json points here, so that
-`trust_remote_code=True` loads this checkpoint in a process that has not run `import vlbridge`. There is no model
-code in this file: it re-exports the classes of the installed vlbridge package (pip install vlbridge)."""
-
-{imports}
-'''
 
 
 def _read_json(path: Path) -> dict | None:
@@ -242,22 +243,18 @@ def add_auto_map(output_dir: str | Path) -> dict[str, str]:
     {'AutoConfig': 'vlbridge_auto.QFormerConfig', 'AutoModel': 'vlbridge_auto.QFormerModel'}
 
     ```"""
-    from .. import __version__
-
     folder = Path(output_dir)
     classes = auto_classes(folder)
     if not classes:
         return {}
-    imports: dict[str, set[str]] = {}
-    for cls in classes.values():
-        module = "vlbridge" if _exported_class(cls.__name__) is cls else cls.__module__
-        imports.setdefault(module, set()).add(cls.__name__)
-    lines = "\n".join(f"from {module} import {', '.join(sorted(names))}" for module, names in sorted(imports.items()))
-    (folder / AUTO_MAP_FILE).write_text(_AUTO_MAP_MODULE.format(version=__version__, imports=lines))
-    auto_map = {auto: f"{Path(AUTO_MAP_FILE).stem}.{cls.__name__}" for auto, cls in classes.items()}
-    config = _read_json(folder / "config.json")
-    config["auto_map"] = auto_map
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_remote_code_shim(folder)
+    names = {auto: cls.__name__ for auto, cls in classes.items()}
+    add_auto_map_entries(folder / "config.json", names)
+    if "AutoProcessor" in names:
+        # AutoProcessor reads `processor_class` from processor_config.json first and never reaches config.json's
+        # `auto_map`: without its own entry it returns the bare tokenizer in a process that has not imported vlbridge.
+        add_auto_map_entries(folder / "processor_config.json", {"AutoProcessor": names["AutoProcessor"]})
+    auto_map = {auto: auto_map_entry(name) for auto, name in names.items()}
     return auto_map
 
 
@@ -338,7 +335,7 @@ STAGE_CARD_TEMPLATE = """---
 
 # {title}
 
-**Training stage:** `{stage}`{stage_description}
+**Training stage:** {stage}{stage_description}
 
 {architecture}
 
@@ -357,6 +354,8 @@ STAGE_CARD_TEMPLATE = """---
 
 
 def _metric_table(metrics: Mapping[str, object] | None) -> str:
+    if not metrics:  # before the import: a plain save_pretrained writes cards too, and must not load the report code
+        return "No metrics were measured by the run that saved this checkpoint."
     from ..report.tables import format_value
 
     # Scalars and short strings only: sample lists and nested results belong in the run's own output.
@@ -373,7 +372,7 @@ def _metric_table(metrics: Mapping[str, object] | None) -> str:
 def write_model_card(
     output_dir: str | Path,
     *,
-    stage: str,
+    stage: str | None,
     data: str,
     metrics: Mapping[str, object] | None,
     base_models: str | list[str] | None = None,
@@ -391,9 +390,9 @@ def write_model_card(
     Args:
         output_dir (`str` or `Path`):
             The checkpoint folder (`config.json` and weights written by `save_pretrained`, or a PEFT adapter).
-        stage (`str`):
+        stage (`str`, *optional*):
             The training stage that produced it: `"stage1"`, `"stage2"`, `"sft"`, `"dpo"` (described in the card)
-            or any other name.
+            or any other name; `None` says it was not recorded (a plain `save_pretrained`).
         data (`str`):
             What it was trained on, in words (markdown).
         metrics (`dict[str, float]`):
@@ -442,7 +441,7 @@ def write_model_card(
     text = STAGE_CARD_TEMPLATE.format(
         card_data=card_data.to_yaml(),
         title=folder.resolve().name,
-        stage=stage,
+        stage=f"`{stage}`" if stage else "not recorded",
         stage_description=f". {STAGES[stage]}" if stage in STAGES else ".",
         architecture=_architecture(config, adapter),
         data=data.strip() or "Not recorded.",
@@ -504,3 +503,42 @@ def describe_checkpoint(
         output_dir, stage=stage, data=data, metrics=metrics, base_models=base_models, datasets=datasets, tags=tags,
         extra=extra,
     )  # fmt: skip
+
+
+def make_self_describing(output_dir: str | Path) -> dict[str, str]:
+    """
+    What `save_pretrained` of a vlbridge model adds to the folder it wrote: `auto_map` and `vlbridge_auto.py`
+    ([`add_auto_map`]), and a model card ([`write_model_card`], stage and metrics "not recorded") unless the folder
+    already has a `README.md` (a richer card from [`describe_checkpoint`], which the training recipes call next and
+    which overwrites this one). Cheap: it reads JSON files and the safetensors headers, never the weights.
+
+    Args:
+        output_dir (`str` or `Path`): The folder `save_pretrained` wrote.
+
+    Returns:
+        `dict[str, str]`: The `auto_map` written.
+    """
+    folder = Path(output_dir)
+    auto_map = add_auto_map(folder)
+    if auto_map and not (folder / "README.md").exists():
+        write_model_card(folder, stage=None, data="", metrics=None)
+    return auto_map
+
+
+class SelfDescribingMixin:
+    """
+    Makes `save_pretrained` write a self-describing folder, the same one `push_to_hub` uploads: `auto_map` in
+    `config.json` (and `processor_config.json`, when the processor was saved there first), `vlbridge_auto.py` and a
+    model card with `library_name: vlbridge` ([`make_self_describing`]). In a process that has not run
+    `import vlbridge`, the Auto classes then load the folder with `trust_remote_code=True`, and without it they refuse
+    with transformers' custom-code error instead of returning a bare tokenizer for the processor (see the module
+    docstring). Put it first among the bases of a vlbridge `PreTrainedModel`. With `save_pretrained(...,
+    push_to_hub=True)` transformers uploads before these files are written: use the model's `push_to_hub`.
+    """
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        # Under distributed training only the main process writes, as the parent class does.
+        if kwargs.get("is_main_process", True):
+            make_self_describing(save_directory)
+        return result

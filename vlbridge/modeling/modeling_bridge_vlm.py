@@ -23,7 +23,7 @@ from .anyres import AnyResTiles, expand_images_for_generation, images_per_sample
 from .bridge_utils import check_pixel_values, vision_tower_features
 from .compat import CACHE_KEY
 from .from_pretrained_parts import from_vision_text_pretrained
-from .hub import push_to_hub_with_processor
+from .hub import SelfDescribingMixin, push_to_hub_with_processor
 
 
 logger = logging.get_logger(__name__)
@@ -458,7 +458,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         )
 
 
-class BridgeVLMForConditionalGeneration(BridgeVLMPreTrainedModel, GenerationMixin):
+class BridgeVLMForConditionalGeneration(SelfDescribingMixin, BridgeVLMPreTrainedModel, GenerationMixin):
     r"""
     [`BridgeVLMModel`] with a language-modelling head: trains with `labels` and generates text about images.
 

@@ -31,6 +31,7 @@ from ..configuration.configuration_qformer import QFormerConfig
 from ..configuration.configuration_qformer_pretraining import QFormerPretrainingConfig
 from . import stage1_losses as losses
 from .bridge_utils import check_pixel_values, vision_tower_features
+from .hub import SelfDescribingMixin
 from .modeling_qformer import QFormerModel
 from .stage1_accumulation import AccumulationWindow, windowed_forward
 
@@ -106,7 +107,7 @@ class QFormerLMHead(nn.Module):
         return self.decoder(self.LayerNorm(self.transform_act_fn(self.dense(hidden_states))))
 
 
-class QFormerForImageTextPretraining(PreTrainedModel):
+class QFormerForImageTextPretraining(SelfDescribingMixin, PreTrainedModel):
     r"""
     BLIP-2's stage-1 model: a vision tower (frozen and in eval mode by default), a [`QFormerModel`] with its text
     branch, and the heads of its three objectives:

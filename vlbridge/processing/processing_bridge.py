@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -21,6 +22,7 @@ from transformers.tokenization_utils_base import (
 )
 from transformers.utils import cached_file, logging
 
+from ..configuration.remote_code import add_auto_map_entries, write_remote_code_shim
 from .image_utils import to_rgb_image
 
 
@@ -245,6 +247,26 @@ class BridgeProcessor(ProcessorMixin):
         if argument_name == QFORMER_TOKENIZER and argument is None:
             return None
         return super().check_argument_for_proper_class(argument_name, argument)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        [`~ProcessorMixin.save_pretrained`], plus an `auto_map` entry in `processor_config.json` and the
+        `vlbridge_auto.py` it points at (see `vlbridge.configuration.remote_code`): without them, in a process that
+        has not run `import vlbridge`, `AutoProcessor` would silently return the bare tokenizer; with them it asks for
+        `trust_remote_code=True` and then loads this class. Done here, so it holds whichever of the model and the
+        processor is saved last. With `push_to_hub=True` the upload happens inside the parent's call, before these
+        two files exist: use the model's `push_to_hub(..., processor=processor)` to share a self-describing folder.
+        """
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        if (folder / "processor_config.json").is_file():
+            write_remote_code_shim(folder)
+            add_auto_map_entries(folder / "processor_config.json", {"AutoProcessor": type(self).__name__})
+            # A model saved here before keeps its `auto_map` complete, as when the processor is saved first.
+            model_config = folder / "config.json"
+            if model_config.is_file() and "auto_map" in json.loads(model_config.read_text()):
+                add_auto_map_entries(model_config, {"AutoProcessor": type(self).__name__})
+        return saved
 
     @classmethod
     def _load_tokenizer_from_pretrained(
