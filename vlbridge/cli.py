@@ -13,6 +13,11 @@ The `vlbridge` command: a thin layer over the recipes (`vlbridge.recipes`) and t
 The training commands take a YAML preset (`--config`: a path, or the name of a preset shipped in
 `vlbridge/recipes/presets/`) and any of its values as overrides (`--max_steps 100`); `caption`, `retrieve`, `eval`
 and `convert` take `--config FILE` too, a YAML of their own options, which flags on the command line override.
+The training commands and `eval` take your own data with `--dataset` (captions, chats or preference rows, as each
+command's `--help` says).
+
+An error prints one line, `vlbridge <command>: error: <what to fix>`, and exits with status 2; `--debug` (anywhere
+on the command line) shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -69,12 +74,45 @@ example:
   vlbridge demo --output_dir outputs/demo --stage1.max_steps 500 --shared.seed 1"""
 
 
-def _recipe_description(purpose: str, preset: str, example: str) -> str:
+# What `--dataset` takes, per training command.
+DATASET_KINDS = {
+    "pretrain": "captions (image, caption)",
+    "dpo": "preference rows (images, prompt, chosen, rejected)",
+    "stage2": "captions (image, caption)",
+    "sft": "chats (messages, images)",
+    "sft-trl": "chats (messages, images)",
+    "lora-sft": "chats (messages, images)",
+}
+
+
+def _recipe_description(purpose: str, preset: str, example: str, data: str) -> str:
     return (
         f"{purpose}\n\nWithout --config the preset {preset!r} is used (vlbridge/recipes/presets/{preset}.yaml). "
-        "--config takes a YAML path\nor a preset name; its values replace the defaults shown below, and every flag "
-        f"given overrides it.\n\nexample:\n  {example}"
+        "--config takes a YAML path\nor a preset name; the defaults shown below are that preset's values, and every "
+        f"flag given overrides them.\n--dataset takes your own {data}: see its help below.\n\n"
+        f"example:\n  {example}"
     )
+
+
+def _config_argument(argv: list[str]) -> str | None:
+    """The value of `--config` in `argv`, if given."""
+    for at, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and at + 1 < len(argv):
+            return argv[at + 1]
+    return None
+
+
+def show_preset_defaults(parser, config: str) -> None:
+    """Makes the preset's values the parser's defaults, so that `--help` shows the values a run really uses."""
+    import yaml
+
+    from .recipes.common import resolve_preset
+
+    values = yaml.safe_load(resolve_preset(config).read_text()) or {}
+    known = {action.dest for action in parser._actions}
+    parser.set_defaults(**{key: value for key, value in values.items() if key in known})
 
 
 def run_recipe(module: str, preset: str, argv: list[str], prog: str, description: str) -> int:
@@ -83,8 +121,10 @@ def run_recipe(module: str, preset: str, argv: list[str], prog: str, description
     parser = recipe.build_parser()
     parser.prog, parser.description, parser.formatter_class = prog, description, _HelpFormatter
     parser.usage = f"{prog} [-h] [--config PRESET] [--ARGUMENT VALUE ...]"
-    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+    if _config_argument(argv) is None:
         argv = ["--config", preset, *argv]
+    # The preset's values reach the run as flags; as defaults too, `--help` shows them instead of the dataclasses'.
+    show_preset_defaults(parser, _config_argument(argv))
     recipe.run(argv, parser=parser)
     return 0
 
@@ -142,6 +182,16 @@ def _add_inference(commands) -> None:
     evaluate.add_argument("--data_seed_value", type=int, default=0, help="Seed of the built-in data (as in training).")
     evaluate.add_argument("--max_objects", type=int, default=2, help="Most objects per scene (as in training).")
     evaluate.add_argument("--captions_per_image", type=int, default=5, help="Reference captions per image.")
+    evaluate.add_argument(
+        "--dataset", default=None,
+        help="Score on your own captions instead of the built-in test split: a folder of images with a metadata.jsonl "
+        '({"file_name": "1.png", "text": "a red circle"} per line), a .jsonl of {"image": ..., "caption": ...} lines, '
+        "or .tar shards. Captioning (CIDEr, BLEU-4) for a VLM, retrieval for a stage-1 model; the first "
+        "--num_images images.",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--allow_outside_paths", action="store_true", help="Accept --dataset image paths that leave its folder."
+    )
     evaluate.add_argument("--config", default=None, help=CONFIG_HELP)
 
     convert = commands.add_parser(
@@ -204,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"vlbridge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="On an error, show the full traceback (any position).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     _add_demo(commands)
     for name, recipe in RECIPE_COMMANDS.items():
@@ -249,6 +300,9 @@ def _demo(args, rest: list[str]) -> int:
 
 def _caption(args) -> int:
     from .recipes.inference import caption_images, load_checkpoint
+    from .trainers.scripts import check_model_folder
+
+    check_model_folder(args.checkpoint)
 
     captions = caption_images(load_checkpoint(args.checkpoint), args.images, args.prompt, args.max_new_tokens)
     for image, caption in zip(args.images, captions):
@@ -276,11 +330,22 @@ def _retrieve(args) -> int:
 def _evaluate(args) -> int:
     from .recipes.inference import evaluate_checkpoint, load_checkpoint
     from .report import format_metric_table
+    from .trainers.scripts import check_model_folder
 
+    images = None
+    if args.dataset is not None:
+        from .data import group_captions
+        from .trainers.scripts import load_user_dataset
+
+        pairs = load_user_dataset(args.dataset, "captions", "vlbridge eval", args.allow_outside_paths)
+        if "image_id" not in pairs.column_names:
+            pairs = pairs.add_column("image_id", list(range(len(pairs))))
+        images = group_captions(pairs)
+    check_model_folder(args.checkpoint)
     checkpoint = load_checkpoint(args.checkpoint)
     metrics = evaluate_checkpoint(
         checkpoint, num_images=args.num_images, seed=args.data_seed_value, max_objects=args.max_objects,
-        captions_per_image=args.captions_per_image,
+        captions_per_image=args.captions_per_image, images=images,
     )  # fmt: skip
     print(format_metric_table({checkpoint.stage or checkpoint.kind: metrics}))
     return 0
@@ -302,7 +367,8 @@ def _convert(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """
-    The `vlbridge` command line.
+    The `vlbridge` command line. An error prints one line, `vlbridge <command>: error: <message>`, on stderr and
+    returns 2 (argparse's status for a bad command line); `--debug` anywhere in `argv` re-raises it instead.
 
     Args:
         argv (`list[str]`, *optional*): The arguments without the program name; defaults to `sys.argv[1:]`.
@@ -311,12 +377,28 @@ def main(argv: list[str] | None = None) -> int:
         `int`: The exit status.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        return _run(argv)
+    except Exception as error:
+        if debug:
+            raise
+        # A user of the command wants what to fix, not a 20-line traceback through transformers; --debug has it.
+        prog = f"vlbridge {argv[0]}" if argv and not argv[0].startswith("-") else "vlbridge"
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
+    """`main` without the error handling."""
     parser = build_parser()
     _apply_yaml_config(parser, argv)
     args, rest = parser.parse_known_args(argv)
     if args.command in RECIPE_COMMANDS:
         module, preset, purpose, example = RECIPE_COMMANDS[args.command]
-        description = _recipe_description(purpose, preset, example)
+        description = _recipe_description(purpose, preset, example, DATASET_KINDS[args.command])
         return run_recipe(module, preset, rest, f"vlbridge {args.command}", description)
     if args.command == "train":
         if args.stage is None:
@@ -326,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             subparser.error("--stage is required: " + ", ".join(TRAIN_STAGES))
         module, preset, purpose = TRAIN_STAGES[args.stage]
-        description = _recipe_description(f"{purpose[0].upper()}{purpose[1:]}.", preset, TRAIN_EXAMPLE)
+        description = _recipe_description(
+            f"{purpose[0].upper()}{purpose[1:]}.", preset, TRAIN_EXAMPLE, DATASET_KINDS[args.stage]
+        )
         return run_recipe(module, preset, rest, f"vlbridge train --stage {args.stage}", description)
     if args.command == "demo":
         return _demo(args, rest)

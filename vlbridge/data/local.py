@@ -281,7 +281,7 @@ def _parse_captions(value, where: str) -> list[str]:
     return captions
 
 
-def _check_inside(names: list[str], base: Path, where: str) -> None:
+def check_paths_inside(names: list[str], base: str | os.PathLike, where: str) -> None:
     """Raise unless every image path stays inside the dataset folder `base`, as image paths are documented to.
 
     Checked on the normalised text of the path (`..` climbing out, or an absolute path elsewhere), symlinks left
@@ -297,7 +297,8 @@ def _check_inside(names: list[str], base: Path, where: str) -> None:
         if relative == os.pardir or relative.startswith(os.pardir + os.sep):
             raise ValueError(
                 f"{where}: the image path {name!r} leaves the dataset folder (image paths are relative to it). "
-                "Move the image into the folder, or pass allow_outside_paths=True if you trust the metadata."
+                "Move the image into the folder, or pass allow_outside_paths=True (--allow_outside_paths on the "
+                "command line) if you trust the metadata."
             )
 
 
@@ -339,7 +340,7 @@ def _parse_all(
         where = f"Line {line_number} of {source}"
         parsed = _parse_record(record, where, image_keys, caption_keys)
         if not allow_outside_paths:
-            _check_inside(parsed.names if isinstance(parsed, _Chat) else [parsed.name], source.parent, where)
+            check_paths_inside(parsed.names if isinstance(parsed, _Chat) else [parsed.name], source.parent, where)
         kind = kind or type(parsed)
         if type(parsed) is not kind:
             raise ValueError(f"{where} mixes captions and chats (`messages`) in one file; keep them apart.")
@@ -671,6 +672,7 @@ def load_image_text_jsonl(
 
 __all__ = [
     "LoadReport",
+    "check_paths_inside",
     "load_image_text_folder",
     "load_image_text_jsonl",
     "normalize_messages",

@@ -28,14 +28,26 @@ from ..modeling.hub import describe_checkpoint
 from ..trainers import preference_accuracy, preference_answer_accuracy
 from ..trainers.distributed import close_process_group
 from ..trainers.lora import LoraArguments
-from ..trainers.scripts import VLMModelArguments, describe_train_data, load_model_and_processor, parse_with_preset
+from ..trainers.scripts import (
+    OUTSIDE_PATHS_HELP,
+    VLMModelArguments,
+    check_decoder_only_language_model,
+    dataset_help,
+    describe_train_data,
+    load_model_and_processor,
+    load_user_dataset,
+    parse_with_preset,
+)
 from .common import RecipeResult
 
 
 @dataclass
 class PreferenceDataArguments:
-    """The built-in preference pairs (`vlbridge.data.make_synthetic_preference`)."""
+    """The preference pairs: built-in (`vlbridge.data.make_synthetic_preference`) or `--dataset`; the held-out pairs
+    are always built-in."""
 
+    dataset: str = field(default="builtin", metadata={"help": dataset_help("preferences")})
+    allow_outside_paths: bool = field(default=False, metadata={"help": OUTSIDE_PATHS_HELP})
     num_train_images: int = field(default=500, metadata={"help": "Images of the training pairs."})
     num_eval_images: int = field(default=100, metadata={"help": "Held-out images (scenes no training saw)."})
     pairs_per_image: int = field(default=2, metadata={"help": "Preference pairs per image."})
@@ -131,7 +143,11 @@ def run(argv: list[str] | None = None, parser: HfArgumentParser | None = None) -
     # Model, processor & data
     ################
     model, processor = load_model_and_processor(model_args, preference_vocabulary())
+    check_decoder_only_language_model(model, "DPO")  # before TRL, which fails deep inside an encoder-decoder
     train, held_out = held_out_pairs(data_args)
+    if data_args.dataset != "builtin":
+        train = load_user_dataset(data_args.dataset, "preferences", "vlbridge dpo", data_args.allow_outside_paths)
+        train = train.select_columns(["images", "prompt", "chosen", "rejected"])
     before = preference_accuracy(model, processor, held_out, group_by="pair_type")
     # What the model says, not only which answer it scores higher: DPO can win margins while breaking generation.
     answers_before = preference_answer_accuracy(model, processor, held_out, group_by="pair_type")

@@ -218,6 +218,7 @@ def evaluate_checkpoint(
     max_objects: int = 2,
     captions_per_image: int = 5,
     progress: bool = True,
+    images=None,
 ) -> dict[str, float]:
     """
     Held-out scores on the built-in test split, as fit the checkpoint: retrieval recall, ITM accuracy and exact
@@ -231,6 +232,9 @@ def evaluate_checkpoint(
         captions_per_image (`int`, *optional*, defaults to 5): Reference captions per image (as in training: the
             test split's images depend on it).
         progress (`bool`, *optional*, defaults to `True`): Show progress bars.
+        images (`datasets.Dataset`, *optional*): Your own images, one row per image with `image` and `captions`
+            (`group_captions` of caption pairs): scored on captioning (retrieval for a stage-1 model) instead of the
+            built-in test split; no VQA, which needs the built-in questions.
 
     Returns:
         `dict[str, float]`: Metric name -> value.
@@ -246,15 +250,20 @@ def evaluate_checkpoint(
     from ..trainers import evaluate_generation, evaluate_stage1
 
     options = {"image_size": checkpoint.image_size, "seed": seed, "max_objects": max_objects}
-    images = held_out_images(num_images, captions_per_image=captions_per_image, **options)
+    own_images = images is not None
+    if own_images:
+        images = images.select(range(min(num_images, len(images))))
+    else:
+        images = held_out_images(num_images, captions_per_image=captions_per_image, **options)
     if checkpoint.kind == "stage1":
-        metrics = evaluate_stage1(checkpoint.model, images, stage1_collator(checkpoint), k_test=min(16, num_images),
+        metrics = evaluate_stage1(checkpoint.model, images, stage1_collator(checkpoint), k_test=min(16, len(images)),
                                   progress=progress)  # fmt: skip
         metrics.pop("samples")
         return metrics
-    if not checkpoint.chat:
+    if not checkpoint.chat or own_images:
         scores = evaluate_generation(checkpoint.model, checkpoint.processor, images, task="caption",
-                                     use_chat_template=False, max_new_tokens=20, progress=progress)  # fmt: skip
+                                     use_chat_template=checkpoint.chat, max_new_tokens=20,
+                                     progress=progress)  # fmt: skip
         return {"cider": scores["cider"], "bleu4": scores["bleu4"]}
     questions = make_synthetic_vqa({"test": num_images}, **options)["test"]
     vqa = evaluate_generation(checkpoint.model, checkpoint.processor, questions, task="vqa", max_new_tokens=8,

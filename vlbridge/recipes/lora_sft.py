@@ -20,7 +20,14 @@ from ..data import make_synthetic_preference, make_synthetic_safety_chat, prefer
 from ..trainers import preference_accuracy
 from ..trainers.distributed import close_process_group
 from ..trainers.lora import LoraArguments
-from ..trainers.scripts import ChatDataArguments, VLMModelArguments, load_model_and_processor, parse_with_preset
+from ..trainers.scripts import (
+    ChatDataArguments,
+    VLMModelArguments,
+    check_decoder_only_language_model,
+    load_model_and_processor,
+    load_user_dataset,
+    parse_with_preset,
+)
 from .common import RecipeResult
 from .dpo import print_preference_accuracy, save_merged
 
@@ -81,7 +88,12 @@ def run(argv: list[str] | None = None, parser: HfArgumentParser | None = None) -
     # Model, processor & data
     ################
     model, processor = load_model_and_processor(model_args, preference_vocabulary())
+    check_decoder_only_language_model(model, "SFT")  # before TRL, which fails deep inside an encoder-decoder
     train, held_out = safety_data(data_args, safety_args)
+    if data_args.dataset != "builtin":  # the user's chats; the held-out pairs stay the built-in ones
+        command = "vlbridge train --stage lora-sft"
+        train = load_user_dataset(data_args.dataset, "chats", command, data_args.allow_outside_paths)
+        train = train.select_columns(["messages", "images"])
     before = preference_accuracy(model, processor, held_out, group_by="pair_type")
 
     ################

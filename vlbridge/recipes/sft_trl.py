@@ -23,6 +23,7 @@ from ..trainers.scripts import (
     ChatDataArguments,
     VLMModelArguments,
     builtin_chat_dataset,
+    check_decoder_only_language_model,
     finish_training,
     load_model_and_processor,
     parse_with_preset,
@@ -59,7 +60,8 @@ def run(argv: list[str] | None = None, parser: HfArgumentParser | None = None) -
     # Model, processor & data
     ################
     model, processor = load_model_and_processor(model_args, chat_vocabulary())
-    train = builtin_chat_dataset(data_args)
+    check_decoder_only_language_model(model, "SFT")  # before TRL, which fails deep inside an encoder-decoder
+    train = builtin_chat_dataset(data_args, "vlbridge train --stage sft-trl")
 
     ################
     # Training & save

@@ -2,7 +2,7 @@
 BLIP-2 stage 1 (ITC + ITM + ITG) with the HF Trainer, on the built-in synthetic data or a local image-text set: the
 recipe behind `vlbridge pretrain` and `examples/pretrain_qformer.py`.
 
-    # built-in data, the preset the README's figures come from (about 10 minutes on 2 CPU cores)
+    # built-in data, the preset the figures in docs/results.md come from (about 10 minutes on 2 CPU cores)
     vlbridge pretrain --config pretrain_qformer_builtin
     # a short smoke run; any preset value can be overridden on the command line
     vlbridge pretrain --config pretrain_qformer_builtin --max_steps 20
@@ -25,8 +25,6 @@ from ..data import (
     build_word_tokenizer,
     chat_vocabulary,
     group_captions,
-    load_image_text_folder,
-    load_image_text_jsonl,
     make_synthetic_image_text,
 )
 from ..modeling import QFormerForImageTextPretraining
@@ -34,13 +32,20 @@ from ..modeling.hub import describe_checkpoint
 from ..processing import BridgeProcessor
 from ..trainers import ImageTextCollator, Stage1Config, Stage1Trainer, evaluate_stage1
 from ..trainers.distributed import close_process_group
-from ..trainers.scripts import describe_train_data, parse_with_preset
+from ..trainers.scripts import (
+    OUTSIDE_PATHS_HELP,
+    dataset_help,
+    describe_train_data,
+    load_user_dataset,
+    parse_with_preset,
+)
 from .common import RecipeResult
 
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="builtin", metadata={"help": "'builtin', an image folder, or a .jsonl file."})
+    dataset: str = field(default="builtin", metadata={"help": dataset_help("captions")})
+    allow_outside_paths: bool = field(default=False, metadata={"help": OUTSIDE_PATHS_HELP})
     num_train_images: int = field(default=2000, metadata={"help": "Built-in data: training images."})
     num_eval_images: int = field(default=200, metadata={"help": "Built-in data: held-out test images."})
     image_size: int = field(default=64, metadata={"help": "Side of the built-in images and of the model input."})
@@ -111,8 +116,9 @@ def load_data(args: DataArguments):
         # Every word of the built-in data, questions and prompts too, not only the captions': the stage-1 tokenizer
         # is also the Q-Former's in InstructBLIP mode, where the instruction enters the Q-Former.
         return splits["train"], group_captions(splits["test"]), chat_vocabulary()
-    path = Path(args.dataset)
-    pairs = load_image_text_jsonl(path) if path.suffix == ".jsonl" else load_image_text_folder(path)
+    pairs = load_user_dataset(args.dataset, "captions", "vlbridge pretrain", args.allow_outside_paths)
+    if "image_id" not in pairs.column_names:
+        pairs = pairs.add_column("image_id", list(range(len(pairs))))
     images = group_captions(pairs).train_test_split(test_size=args.eval_fraction, seed=args.data_seed_value)
     held_out = set(images["test"]["image_id"])
     train = pairs.filter(lambda row: row["image_id"] not in held_out)

@@ -26,11 +26,14 @@ from ..processing import BridgeProcessor
 from ..trainers import CaptionCollator, evaluate_generation
 from ..trainers.distributed import close_process_group
 from ..trainers.scripts import (
+    OUTSIDE_PATHS_HELP,
     VLMModelArguments,
     caption_context_texts,
+    dataset_help,
     describe_train_data,
     finish_training,
     load_model_and_processor,
+    load_user_dataset,
     parse_with_preset,
     train_language_model_on_text,
 )
@@ -40,10 +43,15 @@ from .tiny import tiny_text_config
 
 @dataclass
 class CaptionDataArguments:
-    """The built-in captions (`vlbridge.data.make_synthetic_image_text`)."""
+    """The captions: built-in (`vlbridge.data.make_synthetic_image_text`) or `--dataset`."""
 
+    dataset: str = field(default="builtin", metadata={"help": dataset_help("captions")})
+    allow_outside_paths: bool = field(default=False, metadata={"help": OUTSIDE_PATHS_HELP})
     num_train_images: int = field(default=1000, metadata={"help": "Built-in captions: training images."})
-    num_eval_images: int = field(default=0, metadata={"help": "Held-out images captioned after training; 0 skips."})
+    num_eval_images: int = field(
+        default=0,
+        metadata={"help": "Held-out images captioned after training (from --dataset, kept out of training); 0 skips."},
+    )
     image_size: int = field(default=32, metadata={"help": "Side of the built-in images."})
     captions_per_image: int = field(default=3, metadata={"help": "Built-in captions: captions per image."})
     max_objects: int = field(default=2, metadata={"help": "Built-in captions: most objects per scene."})
@@ -99,6 +107,34 @@ def vlm_around_stage1(directory: str):
     model = vlm_from_stage1(directory, tiny_text_config(tokenizer), image_token_id=tokenizer.image_token_id)
     image_processor = AutoImageProcessor.from_pretrained(directory)
     return model, BridgeProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
+
+
+def load_captions(data_args: CaptionDataArguments) -> dict:
+    """`{"train": ..., "test": ...}` caption pairs (`image`, `caption`, `image_id`): the built-in ones, or
+    `--dataset` with `num_eval_images` of its images held out (no test split when it is 0)."""
+    if data_args.dataset == "builtin":
+        splits = {"train": data_args.num_train_images}
+        if data_args.num_eval_images > 0:
+            splits["test"] = data_args.num_eval_images
+        return make_synthetic_image_text(
+            splits, image_size=data_args.image_size, seed=data_args.data_seed_value,
+            captions_per_image=data_args.captions_per_image, max_objects=data_args.max_objects,
+        )  # fmt: skip
+    command = "vlbridge train --stage stage2"
+    pairs = load_user_dataset(data_args.dataset, "captions", command, data_args.allow_outside_paths)
+    if "image_id" not in pairs.column_names:
+        pairs = pairs.add_column("image_id", list(range(len(pairs))))
+    if data_args.num_eval_images <= 0:
+        return {"train": pairs}
+    images = sorted(set(pairs["image_id"]))
+    if data_args.num_eval_images >= len(images):
+        raise ValueError(f"--num_eval_images {data_args.num_eval_images} leaves no training image: --dataset has "
+                         f"{len(images)} images.")  # fmt: skip
+    held_out = set(images[-data_args.num_eval_images :])
+    return {
+        "train": pairs.filter(lambda row: row["image_id"] not in held_out),
+        "test": pairs.filter(lambda row: row["image_id"] in held_out),
+    }
 
 
 def build_parser() -> HfArgumentParser:
@@ -192,13 +228,7 @@ def run(argv: list[str] | None = None, parser: HfArgumentParser | None = None) -
     # Model, processor & data
     ################
     model, processor = load_model(stage2_args, model_args)
-    splits = {"train": data_args.num_train_images}
-    if data_args.num_eval_images > 0:
-        splits["test"] = data_args.num_eval_images
-    data = make_synthetic_image_text(
-        splits, image_size=data_args.image_size, seed=data_args.data_seed_value,
-        captions_per_image=data_args.captions_per_image, max_objects=data_args.max_objects,
-    )  # fmt: skip
+    data = load_captions(data_args)
     if stage2_args.lm_text_steps > 0:
         warm_up_language_model(model, processor, data["train"], stage2_args, training_args)
     # The collator reads the raw image / caption columns, so the Trainer must keep them.

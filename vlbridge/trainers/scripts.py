@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .freezing import FREEZE_STAGES
 
@@ -70,10 +72,223 @@ def parse_with_preset(parser, argv: list[str]):
     return parsed
 
 
+# What each kind of `--dataset` holds, in the words of `--help` and of the error a dataset of another kind gets.
+DATASET_COLUMNS = {
+    "captions": ("image", "caption"),
+    "chats": ("images", "messages"),
+    "preferences": ("images", "prompt", "chosen", "rejected"),
+}
+DATASET_FORMATS = {
+    "captions": 'a folder of images with a metadata.jsonl ({"file_name": "1.png", "text": "a red circle"} per '
+    'line), a .jsonl of {"image": "1.png", "caption": "..."} lines, or .tar shards (a path or a brace pattern)',
+    "chats": 'a folder with a metadata.jsonl, a .jsonl or .tar shards whose rows hold a chat: {"images": ["1.png"], '
+    '"messages": [{"role": "user", "content": "<image> what is it?"}, {"role": "assistant", "content": "..."}]}',
+    "preferences": 'a .jsonl of preference rows as TRL\'s DPOTrainer takes them: {"images": ["1.png"], "prompt": '
+    '"<image> what is it?", "chosen": "a red circle", "rejected": "a blue star"} (strings, or lists of chat '
+    "messages); image paths are relative to the file",
+}
+
+
+OUTSIDE_PATHS_HELP = (
+    "Accept --dataset image paths that leave the dataset's folder (absolute paths elsewhere, or '..'); refused by "
+    "default, since a metadata file could otherwise read any file on the machine."
+)
+
+
+def dataset_help(kind: str) -> str:
+    """The `--dataset` help of a command that trains on `kind` (`"captions"`, `"chats"` or `"preferences"`)."""
+    return f"'builtin' (the built-in synthetic data), or your own {kind}: {DATASET_FORMATS[kind]}."
+
+
+def _peek_jsonl(path: Path) -> dict:
+    """The first record of a jsonl file (empty if none)."""
+    import json
+
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                record = json.loads(line)
+                return record if isinstance(record, dict) else {}
+    return {}
+
+
+def _preference_messages(value, role: str, num_images: int, where: str) -> list[dict]:
+    """A prompt / answer as a list of chat messages: strings become one `role` turn, with the prompt's images."""
+    from ..data import normalize_messages
+
+    if isinstance(value, str):
+        text = value.replace("<image>", "").strip()
+        content = [{"type": "image"}] * (num_images if role == "user" else 0) + [{"type": "text", "text": text}]
+        return [{"role": role, "content": content}]
+    if isinstance(value, list):
+        return normalize_messages(value)
+    raise ValueError(f"{where}: expected a string or a list of chat messages, got {type(value).__name__}.")
+
+
+def load_preference_jsonl(path: str | os.PathLike, allow_outside_paths: bool = False):
+    """
+    A jsonl of preference rows (`images` or `image`, `prompt`, `chosen`, `rejected`) as a `datasets.Dataset` in the
+    conversational format TRL's `DPOTrainer` takes: image paths (absolute or relative to the file) become
+    `datasets.Image()` values, a string prompt becomes a user turn holding the images, a string answer an assistant
+    turn. A missing image raises `FileNotFoundError` naming it: a DPO pair without its image teaches nothing.
+
+    Args:
+        path (`str` or `os.PathLike`): The jsonl file.
+        allow_outside_paths (`bool`, *optional*, defaults to `False`): Accept image paths that leave the file's
+            folder (absolute elsewhere, or `..`), as the caption and chat loaders do.
+
+    Returns:
+        `datasets.Dataset` with columns `images`, `prompt`, `chosen`, `rejected`.
+    """
+    import json
+
+    from datasets import Dataset, Image, List
+
+    from ..data.local import check_paths_inside
+
+    source = Path(path)
+    rows = []
+    with open(source, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            record, where = json.loads(line), f"{source}, line {number}"
+            missing = [key for key in ("prompt", "chosen", "rejected") if key not in record]
+            if missing:
+                raise ValueError(f"{where} has no {', '.join(missing)}: {DATASET_FORMATS['preferences']}.")
+            images = record.get("images", record.get("image", []))
+            images = [images] if isinstance(images, str) else list(images)
+            if not allow_outside_paths:
+                check_paths_inside(images, source.parent, where)
+            paths = [str(Path(name) if Path(name).is_absolute() else source.parent / name) for name in images]
+            for name, file in zip(images, paths):
+                if not Path(file).is_file():
+                    raise FileNotFoundError(f"{where}: image {name!r} not found (looked for {file}).")
+            rows.append({
+                "images": paths,
+                "prompt": _preference_messages(record["prompt"], "user", len(paths), where),
+                "chosen": _preference_messages(record["chosen"], "assistant", 0, where),
+                "rejected": _preference_messages(record["rejected"], "assistant", 0, where),
+            })  # fmt: skip
+    if not rows:
+        raise ValueError(f"{source} holds no preference rows: {DATASET_FORMATS['preferences']}.")
+    return Dataset.from_list(rows).cast_column("images", List(Image()))
+
+
+def load_user_dataset(path: str | os.PathLike, kind: str, command: str, allow_outside_paths: bool = False):
+    """
+    A `--dataset` given on the command line, loaded as `vlbridge pretrain --dataset` loads it (a folder with a
+    `metadata.jsonl`: `load_image_text_folder`; a `.jsonl`: `load_image_text_jsonl`; `.tar` shards:
+    `load_image_text_shards`; a `.jsonl` of preference rows: [`load_preference_jsonl`]), and checked to be of the
+    `kind` the command trains on.
+
+    Args:
+        path (`str` or `os.PathLike`): The dataset.
+        kind (`str`): `"captions"`, `"chats"` or `"preferences"` (see `DATASET_COLUMNS`).
+        command (`str`): The command, for the error (`"vlbridge train --stage sft"`).
+        allow_outside_paths (`bool`, *optional*, defaults to `False`): Accept image paths that leave the dataset's
+            folder (see `load_image_text_folder`).
+
+    Returns:
+        `datasets.Dataset` with the columns of `DATASET_COLUMNS[kind]` (and any others the loader gives).
+
+    Raises:
+        `ValueError`: One line naming the columns `command` expects, when the data is of another kind.
+    """
+    from ..data import load_image_text_folder, load_image_text_jsonl, load_image_text_shards
+
+    expected = DATASET_COLUMNS[kind]
+    source = Path(path)
+    text = str(path)
+    if source.is_dir():
+        dataset = load_image_text_folder(source, allow_outside_paths=allow_outside_paths)
+    elif source.suffix == ".jsonl":
+        if not source.is_file():
+            raise FileNotFoundError(f"--dataset {text!r} does not exist; {command} takes {DATASET_FORMATS[kind]}.")
+        if {"chosen", "rejected"} & set(_peek_jsonl(source)):
+            dataset = load_preference_jsonl(source, allow_outside_paths)
+        elif kind == "preferences":
+            raise ValueError(
+                f"{command} takes preference rows (columns {', '.join(expected)}); {text} holds no `chosen` / "
+                "`rejected` answers."
+            )
+        else:
+            dataset = load_image_text_jsonl(source, allow_outside_paths=allow_outside_paths)
+    elif source.suffix == ".tar" or any(mark in text for mark in "*{["):
+        dataset = load_image_text_shards(text)
+    else:
+        raise FileNotFoundError(f"--dataset {text!r} is no folder, .jsonl file or .tar shard: {command} takes "
+                                f"{DATASET_FORMATS[kind]}.")  # fmt: skip
+    columns = list(dataset.column_names or [])
+    if not set(expected) <= set(columns):
+        raise ValueError(
+            f"{command} takes {kind} (columns {', '.join(expected)}); {text} holds columns {', '.join(columns)}."
+        )
+    return dataset
+
+
+def check_model_folder(path: str | os.PathLike) -> None:
+    """
+    Refuses, with the fix, a folder that holds a LoRA adapter (`adapter_config.json`, no `config.json`) where a full
+    model is expected: loading it would fail deep inside transformers.
+
+    Example:
+
+    ```python
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from vlbridge.trainers.scripts import check_model_folder
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    >>> check_model_folder(folder)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ... holds a LoRA adapter (adapter_config.json), not a model: ...
+    ```"""
+    folder = Path(path)
+    if folder.is_dir() and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        merged = folder.parent / "merged"
+        hint = f" ({merged} is the merged model of this run)" if (merged / "config.json").is_file() else ""
+        raise ValueError(
+            f"{folder} holds a LoRA adapter (adapter_config.json), not a model: pass the merged model that "
+            f"`vlbridge dpo` saves in <output_dir>/merged{hint}, or merge the adapter with peft "
+            "(PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(folder))."
+        )
+
+
+def check_decoder_only_language_model(model, trainer: str = "SFT / DPO") -> None:
+    """
+    Refuses a VLM whose language model is an encoder-decoder (T5) before a TRL trainer is built: TRL's `SFTTrainer`
+    and `DPOTrainer` feed one sequence through a causal LM, which an encoder-decoder cannot take (it fails deep in
+    T5 with "You must specify exactly one of input_ids or inputs_embeds"). The HF Trainer recipe with `ChatCollator`
+    handles both kinds.
+
+    Args:
+        model ([`BridgeVLMForConditionalGeneration`]): The model about to be trained (a PEFT wrapper is fine).
+        trainer (`str`, *optional*): The trainer named in the error.
+
+    Raises:
+        `ValueError`: When the language model is an encoder-decoder.
+    """
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None)
+    encoder_decoder = getattr(text_config, "is_encoder_decoder", False) or (
+        getattr(config, "use_decoder_only_language_model", True) is False
+    )
+    if encoder_decoder:
+        kind = getattr(text_config, "model_type", "encoder-decoder")
+        raise ValueError(
+            f"TRL's {trainer} trainers handle decoder-only language models; this model's language model is {kind} "
+            "(encoder-decoder): use `vlbridge train --stage sft` (the HF Trainer) instead."
+        )
+
+
 @dataclass
 class ChatDataArguments:
-    """The built-in chat data of the SFT examples (`vlbridge.data.make_synthetic_chat`)."""
+    """The chat data of the SFT recipes: the built-in chats (`vlbridge.data.make_synthetic_chat`) or `--dataset`."""
 
+    dataset: str = field(default="builtin", metadata={"help": dataset_help("chats")})
+    allow_outside_paths: bool = field(default=False, metadata={"help": OUTSIDE_PATHS_HELP})
     num_train_images: int = field(default=500, metadata={"help": "Built-in chats: training images (one chat each)."})
     image_size: int = field(default=32, metadata={"help": "Side of the built-in images."})
     max_turns: int = field(default=2, metadata={"help": "Built-in chats: most question-answer turns per chat."})
@@ -118,6 +333,7 @@ def load_model_and_processor(args: VLMModelArguments, vocabulary: list[str]):
     from ..recipes.tiny import tiny_vlm
 
     if args.model_name_or_path is not None:
+        check_model_folder(args.model_name_or_path)
         model = BridgeVLMForConditionalGeneration.from_pretrained(args.model_name_or_path)
         processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     else:
@@ -148,9 +364,14 @@ def _instruct_from_stage1(model, processor, directory: str):
     return model, processor
 
 
-def builtin_chat_dataset(args: ChatDataArguments):
-    """Training chats (`messages` + `images` columns only, the columns TRL's SFTTrainer keeps)."""
+def builtin_chat_dataset(args: ChatDataArguments, command: str = "vlbridge train --stage sft"):
+    """Training chats (`messages` + `images` columns only, the columns TRL's SFTTrainer keeps): `args.dataset`, or
+    the built-in chats when it is `"builtin"`."""
     from ..data import make_synthetic_chat
+
+    if args.dataset != "builtin":
+        chats = load_user_dataset(args.dataset, "chats", command, args.allow_outside_paths)
+        return chats.select_columns(["messages", "images"])
 
     data = make_synthetic_chat(
         {"train": args.num_train_images}, image_size=args.image_size, seed=args.data_seed_value,
