@@ -1,6 +1,6 @@
 """BLIP-2 stage 1 (ITC + ITM + ITG) with the HF Trainer, on the built-in synthetic data or a local image-text set.
 
-    # built-in data, the preset the README's figures come from (about 10 minutes on 2 CPU cores)
+    # built-in data, the preset the figures in docs/results.md come from (about 10 minutes on 2 CPU cores)
     python examples/pretrain_qformer.py --config examples/configs/pretrain_qformer_builtin.yaml
 
     # a short smoke run; any preset value can be overridden on the command line
