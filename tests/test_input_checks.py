@@ -11,19 +11,16 @@ from PIL import Image
 from test_docstrings import test_docstring_examples as run_docstring_examples
 from tiny import (
     BOS_ID,
-    EOS_ID,
     IMAGE_ID,
     PAD_ID,
-    VOCAB_SIZE,
-    bridge_config,
     make_tokenizer,
+    stage1_config,
     text_config,
-    vision_config,
     vlm_config,
 )
 from transformers import SiglipImageProcessorPil
 
-from vlbridge import BridgeVLMForConditionalGeneration, QFormerForImageTextPretraining, QFormerPretrainingConfig
+from vlbridge import BridgeVLMForConditionalGeneration, QFormerForImageTextPretraining
 from vlbridge.data import load_image_text_folder, load_image_text_jsonl
 from vlbridge.processing import BridgeAnyResImageProcessor, BridgeProcessor
 from vlbridge.processing.image_utils import to_rgb_image
@@ -180,15 +177,7 @@ def test_vlm_refuses_raw_or_broken_pixel_values_and_stacks_lists():
 
 def test_stage1_model_refuses_raw_or_broken_pixel_values():
     torch.manual_seed(0)
-    config = QFormerPretrainingConfig(
-        vision_config=vision_config(),
-        qformer_config=bridge_config("qformer"),
-        embed_dim=16,
-        decoder_start_token_id=VOCAB_SIZE - 1,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-    )
-    model = QFormerForImageTextPretraining(config).eval()
+    model = QFormerForImageTextPretraining(stage1_config()).eval()
     input_ids = torch.tensor([[BOS_ID, 10, 11], [BOS_ID, 12, 13]])  # (B, T)
     pixel_values = torch.randn(2, 3, 32, 32)  # (B, C, H, W)
     with pytest.raises(TypeError, match="never rescaled"):

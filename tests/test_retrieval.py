@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tiny import EOS_ID, PAD_ID, VOCAB_SIZE, bridge_config, make_images, make_tokenizer, vision_config
+from tiny import make_images, make_tokenizer, stage1_config
 from transformers import CLIPImageProcessor
 
-from vlbridge import QFormerForImageTextPretraining, QFormerPretrainingConfig
+from vlbridge import QFormerForImageTextPretraining
 from vlbridge.metrics.retrieval_recall import recall_at_k
 from vlbridge.modeling.retrieval import NOT_RERANKED, ImageTextRetriever, retrieval_metrics, retrieve
 
@@ -129,15 +129,7 @@ def test_retrieval_metrics_several_captions_per_image():
 
 def tiny_stage1_model() -> QFormerForImageTextPretraining:
     torch.manual_seed(0)
-    config = QFormerPretrainingConfig(
-        vision_config=vision_config(),
-        qformer_config=bridge_config("qformer"),
-        embed_dim=16,
-        decoder_start_token_id=VOCAB_SIZE - 1,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-    )
-    return QFormerForImageTextPretraining(config).train()
+    return QFormerForImageTextPretraining(stage1_config()).train()
 
 
 def test_end_to_end_with_a_tiny_model_from_images_and_strings():

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 from transformers import AutoConfig
 
-from vlbridge import BridgeVLMConfig
+from vlbridge import BridgeVLMConfig, QFormerPretrainingConfig
 from vlbridge.data import build_word_tokenizer
 
 
@@ -118,6 +118,15 @@ def vlm_config(vision: str = "clip", bridge: str = "qformer", text: str = "opt",
         image_token_id=IMAGE_ID,
         **kwargs,
     )
+
+
+def stage1_config(**kwargs) -> QFormerPretrainingConfig:
+    """A tiny stage-1 config on the tiny tokenizer's ids ([DEC] is the last id of the vocabulary)."""
+    defaults = dict(
+        vision_config=vision_config(), qformer_config=bridge_config("qformer"), embed_dim=16,
+        decoder_start_token_id=VOCAB_SIZE - 1, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+    )  # fmt: skip
+    return QFormerPretrainingConfig(**{**defaults, **kwargs})
 
 
 def make_images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:

@@ -17,23 +17,6 @@ from pathlib import Path
 
 AUTO_MAP_FILE = "vlbridge_auto.py"
 
-# Every class an `auto_map` entry may name: the public configs, models and processors of `vlbridge`.
-EXPORTED_CLASSES = (
-    "BridgeAnyResImageProcessor",
-    "BridgeProcessor",
-    "BridgeVLMConfig",
-    "BridgeVLMForConditionalGeneration",
-    "BridgeVLMModel",
-    "MLPProjectorConfig",
-    "MLPProjectorModel",
-    "PerceiverResamplerConfig",
-    "PerceiverResamplerModel",
-    "QFormerConfig",
-    "QFormerForImageTextPretraining",
-    "QFormerModel",
-    "QFormerPretrainingConfig",
-)
-
 _SHIM = '''"""Written by vlbridge {version}. The `auto_map` entries of this folder point here, so that
 `trust_remote_code=True` loads the checkpoint in a process that has not run `import vlbridge`. There is no model
 code in this file: it re-exports the classes of the installed vlbridge package (pip install vlbridge)."""
@@ -41,7 +24,7 @@ code in this file: it re-exports the classes of the installed vlbridge package (
 # The import sits in a try block so that transformers' own check of remote-code imports skips it and this message,
 # which names both ways to load the checkpoint, is the one the user reads.
 try:
-    from vlbridge import {names}
+    from vlbridge import *  # noqa: F403 (every public class, so one text serves every folder)
 except ImportError as error:
     raise ImportError(
         "This checkpoint was saved by vlbridge and loads with its classes, which are not installed: "
@@ -51,9 +34,7 @@ except ImportError as error:
 
 
 def auto_map_entry(class_name: str) -> str:
-    """The `auto_map` value for a vlbridge class, e.g. `"vlbridge_auto.BridgeProcessor"`."""
-    if class_name not in EXPORTED_CLASSES:
-        raise ValueError(f"{class_name} is not one of the classes {AUTO_MAP_FILE} exports: {EXPORTED_CLASSES}.")
+    """The `auto_map` value for a class that `vlbridge` exports, e.g. `"vlbridge_auto.BridgeProcessor"`."""
     return f"{Path(AUTO_MAP_FILE).stem}.{class_name}"
 
 
@@ -67,7 +48,7 @@ def write_remote_code_shim(folder: str | Path) -> Path:
     >>> import tempfile
     >>> from vlbridge.configuration.remote_code import write_remote_code_shim
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     "from vlbridge import BridgeProcessor" in write_remote_code_shim(tmp).read_text()
+    ...     "from vlbridge import *" in write_remote_code_shim(tmp).read_text()
     True
 
     ```"""
@@ -76,7 +57,7 @@ def write_remote_code_shim(folder: str | Path) -> Path:
     except PackageNotFoundError:  # run from a source tree that was never installed
         package_version = "(not installed)"
     path = Path(folder) / AUTO_MAP_FILE
-    path.write_text(_SHIM.format(version=package_version, names=", ".join(EXPORTED_CLASSES)))
+    path.write_text(_SHIM.format(version=package_version))
     return path
 
 
@@ -91,4 +72,4 @@ def add_auto_map_entries(json_file: str | Path, entries: dict[str, str]) -> None
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["AUTO_MAP_FILE", "EXPORTED_CLASSES", "add_auto_map_entries", "auto_map_entry", "write_remote_code_shim"]
+__all__ = ["AUTO_MAP_FILE", "add_auto_map_entries", "auto_map_entry", "write_remote_code_shim"]

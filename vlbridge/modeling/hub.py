@@ -201,7 +201,8 @@ def auto_classes(output_dir: str | Path) -> dict[str, type]:
         config_class = CONFIG_MAPPING[(_read_json(folder / "config.json") or {}).get("model_type")]
     except KeyError:
         return {}
-    if not config_class.__module__.startswith("vlbridge."):
+    # `vlbridge_auto.py` re-exports `vlbridge`'s public names: only those can stand in `auto_map`.
+    if _exported_class(config_class.__name__) is not config_class:
         return {}
     classes = {"AutoConfig": config_class}
     for name in ("AutoModel", "AutoModelForPreTraining", "AutoModelForImageTextToText"):
@@ -209,7 +210,7 @@ def auto_classes(output_dir: str | Path) -> dict[str, type]:
             model_class = getattr(transformers, name)._model_mapping[config_class]
         except KeyError:
             continue
-        if model_class.__module__.startswith("vlbridge."):
+        if _exported_class(model_class.__name__) is model_class:
             classes[name] = model_class
     processor_class = _exported_class((_read_json(folder / "processor_config.json") or {}).get("processor_class", ""))
     if processor_class is not None:
