@@ -7,7 +7,7 @@ import torch
 from tiny import BOS_ID, IMAGE_ID, vlm_config
 
 from vlbridge import BridgeVLMForConditionalGeneration
-from vlbridge.trainers.freezing import FREEZE_STAGES
+from vlbridge.modeling.freezing import FREEZE_STAGES
 
 
 def forward_backward(model: BridgeVLMForConditionalGeneration) -> None:
@@ -41,7 +41,7 @@ def test_every_trainable_parameter_gets_a_gradient(stage, vision, bridge, vision
 @pytest.mark.parametrize("vision", ["clip", "siglip"])
 def test_full_finetune_leaves_unreached_vision_parameters_frozen_and_says_so(vision, caplog):
     model = BridgeVLMForConditionalGeneration(vlm_config(vision, "qformer", "opt", vision_feature_layer=-2))
-    with caplog.at_level(logging.INFO, logger="vlbridge.trainers.freezing"):
+    with caplog.at_level(logging.INFO, logger="vlbridge.modeling.freezing"):
         counts = model.freeze("full-finetune")
     tower = model.model.vision_tower
     # Names relative to the tower's transformer, whether or not the tower nests it under `vision_model.`.

@@ -28,7 +28,16 @@ from .modeling import (
     load_qformer_into_vlm,
 )
 from .processing import BridgeAnyResImageProcessor, BridgeProcessor
-from .trainers.lora import language_model_lora_config
+
+
+def __getattr__(name: str):
+    # The LoRA helper belongs to the training layer: imported on first use, so that `import vlbridge` (and with it
+    # every `vlbridge.modeling` import) does not load the trainers, the data and the metrics.
+    if name == "language_model_lora_config":
+        from .trainers.lora import language_model_lora_config
+
+        return language_model_lora_config
+    raise AttributeError(f"module 'vlbridge' has no attribute {name!r}")
 
 
 AutoProcessor.register(BridgeVLMConfig, BridgeProcessor, exist_ok=True)

@@ -18,10 +18,10 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput, logging
 
 from ..configuration import BridgeVLMConfig
-from ..trainers.freezing import FreezingMixin
 from .anyres import AnyResTiles, expand_images_for_generation, images_per_sample
 from .bridge_utils import check_pixel_values, vision_tower_features
 from .compat import CACHE_KEY
+from .freezing import FreezingMixin
 from .from_pretrained_parts import from_vision_text_pretrained
 from .hub import SelfDescribingMixin, push_to_hub_with_processor
 

@@ -1,7 +1,7 @@
 """Training: staged freezing, collators, and the stage-1 trainer."""
 
+from ..modeling.freezing import FREEZE_STAGES, FreezingMixin
 from .collators import ImageTextCollator
-from .freezing import FREEZE_STAGES, FreezingMixin
 from .generative_eval import evaluate_generation
 from .lora import language_model_lora_config
 from .preference_eval import preference_accuracy, preference_answer_accuracy, preference_log_probs

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .freezing import FREEZE_STAGES
+from ..modeling.freezing import FREEZE_STAGES
 
 
 # Mirrors `vlbridge.recipes.tiny.TINY_BRIDGES`, whose module imports the configs; names only keep this one light.
