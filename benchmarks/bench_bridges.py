@@ -94,15 +94,39 @@ class Sizes:
 
 
 FULL = Sizes(
-    image_size=224, patch_size=14, vision_hidden=192, vision_layers=4, vision_heads=3,
-    bridge_hidden=256, bridge_layers=4, bridge_heads=4, num_queries=32,
-    text_hidden=256, text_layers=4, text_heads=4, vocab_size=32000, batch_size=2, caption_words=24,
-)  # fmt: skip
+    image_size=224,
+    patch_size=14,
+    vision_hidden=192,
+    vision_layers=4,
+    vision_heads=3,
+    bridge_hidden=256,
+    bridge_layers=4,
+    bridge_heads=4,
+    num_queries=32,
+    text_hidden=256,
+    text_layers=4,
+    text_heads=4,
+    vocab_size=32000,
+    batch_size=2,
+    caption_words=24,
+)
 QUICK = Sizes(
-    image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
-    bridge_hidden=32, bridge_layers=2, bridge_heads=2, num_queries=4,
-    text_hidden=32, text_layers=1, text_heads=2, vocab_size=128, batch_size=2, caption_words=6,
-)  # fmt: skip
+    image_size=32,
+    patch_size=8,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    bridge_hidden=32,
+    bridge_layers=2,
+    bridge_heads=2,
+    num_queries=4,
+    text_hidden=32,
+    text_layers=1,
+    text_heads=2,
+    vocab_size=128,
+    batch_size=2,
+    caption_words=6,
+)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -127,28 +151,55 @@ def bridge_config(bridge: str, sizes: Sizes) -> dict:
     """The three bridges at one width, depth and head count; the Q-Former and the Perceiver emit as many tokens."""
     width, layers, heads = sizes.bridge_hidden, sizes.bridge_layers, sizes.bridge_heads
     if bridge == "qformer":
-        return {"model_type": "vlbridge_qformer", "hidden_size": width, "num_hidden_layers": layers,
-                "num_attention_heads": heads, "intermediate_size": 4 * width, "num_query_tokens": sizes.num_queries,
-                "cross_attention_frequency": 2, "use_text_input": False, "hidden_dropout_prob": 0.0,
-                "attention_probs_dropout_prob": 0.0}  # fmt: skip
+        return {
+            "model_type": "vlbridge_qformer",
+            "hidden_size": width,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "intermediate_size": 4 * width,
+            "num_query_tokens": sizes.num_queries,
+            "cross_attention_frequency": 2,
+            "use_text_input": False,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        }
     if bridge == "perceiver":
-        return {"model_type": "vlbridge_perceiver", "hidden_size": width, "num_hidden_layers": layers,
-                "num_attention_heads": heads, "head_dim": width // heads, "ff_mult": 4,
-                "num_latents": sizes.num_queries}  # fmt: skip
+        return {
+            "model_type": "vlbridge_perceiver",
+            "hidden_size": width,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "head_dim": width // heads,
+            "ff_mult": 4,
+            "num_latents": sizes.num_queries,
+        }
     if bridge == "mlp":
         return {"model_type": "vlbridge_mlp", "hidden_size": width, "num_layers": 2, "drop_cls_token": True}
     raise ValueError(f"Unknown bridge {bridge!r}; choose among {BRIDGES}.")
 
 
 def build_model(bridge: str, anyres: bool, sizes: Sizes, tokenizer) -> BridgeVLMForConditionalGeneration:
-    vision = {"model_type": "clip_vision_model", "hidden_size": sizes.vision_hidden,
-              "intermediate_size": 4 * sizes.vision_hidden, "num_hidden_layers": sizes.vision_layers,
-              "num_attention_heads": sizes.vision_heads, "image_size": sizes.image_size,
-              "patch_size": sizes.patch_size}  # fmt: skip
-    text = {"model_type": "llama", "hidden_size": sizes.text_hidden, "intermediate_size": 4 * sizes.text_hidden,
-            "num_hidden_layers": sizes.text_layers, "num_attention_heads": sizes.text_heads,
-            "vocab_size": sizes.vocab_size, "max_position_embeddings": 4096, "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}  # fmt: skip
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": sizes.vision_hidden,
+        "intermediate_size": 4 * sizes.vision_hidden,
+        "num_hidden_layers": sizes.vision_layers,
+        "num_attention_heads": sizes.vision_heads,
+        "image_size": sizes.image_size,
+        "patch_size": sizes.patch_size,
+    }
+    text = {
+        "model_type": "llama",
+        "hidden_size": sizes.text_hidden,
+        "intermediate_size": 4 * sizes.text_hidden,
+        "num_hidden_layers": sizes.text_layers,
+        "num_attention_heads": sizes.text_heads,
+        "vocab_size": sizes.vocab_size,
+        "max_position_embeddings": 4096,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     config = BridgeVLMConfig(
         vision_config=vision,
         bridge_config=bridge_config(bridge, sizes),
@@ -248,8 +299,12 @@ def run_stage(stage: str, bridges: list[str], sizes: Sizes, args: argparse.Names
                 batch, tokens = make_batch(processor, model, tiles, sizes)
                 batch = {key: value.to(args.device) for key, value in batch.items()}
                 steps[bridge, tiles] = make_train_step(model, batch)
-                info[bridge, tiles] = {"tokens": tokens, "sequence": batch["input_ids"].shape[1],
-                                       "trainable": trainable, "bridge_params": bridge_params}  # fmt: skip
+                info[bridge, tiles] = {
+                    "tokens": tokens,
+                    "sequence": batch["input_ids"].shape[1],
+                    "trainable": trainable,
+                    "bridge_params": bridge_params,
+                }
     times = time_round_robin(steps, args.warmup, repeats, args.device)
     results = {}
     for key, measured in times.items():

@@ -92,17 +92,46 @@ class Sizes:
 
 
 FULL = Sizes(
-    vision_hidden=384, vision_layers=6, vision_heads=6, image_size=224, patch_size=14,
-    qformer_hidden=384, qformer_layers=12, qformer_heads=6, num_queries=32,
-    text_hidden=768, text_layers=6, text_heads=12, vocab_size=50272,
-    train_batch=8, caption_length=24, generate_batch=4, prompt_length=4, new_tokens=24,
-)  # fmt: skip
+    vision_hidden=384,
+    vision_layers=6,
+    vision_heads=6,
+    image_size=224,
+    patch_size=14,
+    qformer_hidden=384,
+    qformer_layers=12,
+    qformer_heads=6,
+    num_queries=32,
+    text_hidden=768,
+    text_layers=6,
+    text_heads=12,
+    vocab_size=50272,
+    train_batch=8,
+    caption_length=24,
+    generate_batch=4,
+    prompt_length=4,
+    new_tokens=24,
+)
 QUICK = Sizes(
-    vision_hidden=32, vision_layers=2, vision_heads=4, image_size=32, patch_size=8,
-    qformer_hidden=32, qformer_layers=2, qformer_heads=4, num_queries=4,
-    text_hidden=32, text_layers=2, text_heads=4, vocab_size=128,
-    train_batch=2, caption_length=6, generate_batch=2, prompt_length=3, new_tokens=5, init_std=0.3,
-)  # fmt: skip
+    vision_hidden=32,
+    vision_layers=2,
+    vision_heads=4,
+    image_size=32,
+    patch_size=8,
+    qformer_hidden=32,
+    qformer_layers=2,
+    qformer_heads=4,
+    num_queries=4,
+    text_hidden=32,
+    text_layers=2,
+    text_heads=4,
+    vocab_size=128,
+    train_batch=2,
+    caption_length=6,
+    generate_batch=2,
+    prompt_length=3,
+    new_tokens=5,
+    init_std=0.3,
+)
 
 
 def make_parser() -> argparse.ArgumentParser:

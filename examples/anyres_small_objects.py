@@ -111,12 +111,24 @@ def parse_grids(grids: str) -> list[tuple[int, int]]:
 def bridge_config(args: ComparisonArguments) -> dict:
     width = args.width
     if args.bridge == "perceiver":
-        return {"model_type": "vlbridge_perceiver", "hidden_size": width, "num_latents": args.num_tokens,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": width // 4}  # fmt: skip
+        return {
+            "model_type": "vlbridge_perceiver",
+            "hidden_size": width,
+            "num_latents": args.num_tokens,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "head_dim": width // 4,
+        }
     if args.bridge == "qformer":
-        return {"model_type": "vlbridge_qformer", "hidden_size": width, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "intermediate_size": 2 * width, "num_query_tokens": args.num_tokens,
-                "use_text_input": False}  # fmt: skip
+        return {
+            "model_type": "vlbridge_qformer",
+            "hidden_size": width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 2 * width,
+            "num_query_tokens": args.num_tokens,
+            "use_text_input": False,
+        }
     if args.bridge == "mlp":
         return {"model_type": "vlbridge_mlp", "hidden_size": width, "drop_cls_token": True}
     raise ValueError(f"Unknown bridge {args.bridge!r}: choose perceiver, qformer or mlp.")
@@ -126,17 +138,30 @@ def build_model(args: ComparisonArguments, tokenizer, anyres: bool, seed: int) -
     """A tiny CLIP-style ViT + bridge + Llama; `anyres` only sets `image_grid_pinpoints`, which holds no weights."""
     width = args.width
     config = BridgeVLMConfig(
-        vision_config={"model_type": "clip_vision_model", "hidden_size": width, "intermediate_size": 2 * width,
-                       "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": args.tile_size,
-                       "patch_size": args.patch_size},
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": args.tile_size,
+            "patch_size": args.patch_size,
+        },
         bridge_config=bridge_config(args),
-        text_config={"model_type": "llama", "hidden_size": width, "intermediate_size": 2 * width,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": len(tokenizer),
-                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id},
+        text_config={
+            "model_type": "llama",
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
         image_token_id=tokenizer.image_token_id,
         image_grid_pinpoints=grid_pinpoints_from_grids(args.tile_size, parse_grids(args.grids)) if anyres else None,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)  # the same seed gives both variants the same initial weights
     return BridgeVLMForConditionalGeneration(config)
 
@@ -165,9 +190,13 @@ def load_data(args: SmallObjectsDataArguments):
     types = [kind.strip() for kind in args.turn_types.split(",") if kind.strip()]
     turns = (min(args.min_turns, len(types)), min(args.max_turns, len(types)))
     data = make_synthetic_small_objects(
-        {"train": args.num_train_images, "test": args.num_eval_images}, image_size=args.image_size,
-        seed=args.data_seed_value, turns=turns, max_objects=args.max_objects, turn_types=types,
-    )  # fmt: skip
+        {"train": args.num_train_images, "test": args.num_eval_images},
+        image_size=args.image_size,
+        seed=args.data_seed_value,
+        turns=turns,
+        max_objects=args.max_objects,
+        turn_types=types,
+    )
     rows = {"image": [], "question": [], "answer": [], "question_type": []}
     for chat in data["test"]:
         users = [m for m in chat["messages"] if m["role"] == "user"]
@@ -187,8 +216,9 @@ def load_data(args: SmallObjectsDataArguments):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def train_and_score(variant: str, seed: int, args: ComparisonArguments, training_args: TrainingArguments,
-                    tokenizer, train, questions) -> dict:  # fmt: skip
+def train_and_score(
+    variant: str, seed: int, args: ComparisonArguments, training_args: TrainingArguments, tokenizer, train, questions
+) -> dict:
     """Trains one variant from `seed` and scores it on the held-out questions."""
     model = build_model(args, tokenizer, anyres=variant == "any-res", seed=seed)
     model.freeze(args.freeze)
@@ -196,9 +226,11 @@ def train_and_score(variant: str, seed: int, args: ComparisonArguments, training
     tiles = processor.num_tiles([questions[0]["image"].size[::-1]])[0]
     # ChatCollator reads the raw `messages` / `images` columns, so the Trainer must keep them.
     run_args = dataclasses.replace(
-        training_args, seed=seed, output_dir=f"{training_args.output_dir}/{variant}-seed{seed}",
+        training_args,
+        seed=seed,
+        output_dir=f"{training_args.output_dir}/{variant}-seed{seed}",
         remove_unused_columns=False,
-    )  # fmt: skip
+    )
     collator = ChatCollator.from_model(model, processor)
     trainer = Trainer(model=model, args=run_args, train_dataset=train, data_collator=collator)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -207,9 +239,14 @@ def train_and_score(variant: str, seed: int, args: ComparisonArguments, training
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     start = time.perf_counter()
     scores = evaluate_generation(
-        trainer.model, processor, questions, task="vqa", batch_size=32, max_new_tokens=args.max_new_tokens,
+        trainer.model,
+        processor,
+        questions,
+        task="vqa",
+        batch_size=32,
+        max_new_tokens=args.max_new_tokens,
         progress=False,
-    )  # fmt: skip
+    )
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
         "variant": variant,
@@ -230,12 +267,23 @@ def print_results(results: list[dict], num_questions: int) -> None:
     """One row per run, then the mean over seeds of each variant."""
     types = sorted({kind for result in results for kind in result["per_type"]})
     print(f"\nheld-out questions: {num_questions}")
-    print("| variant | seed | tiles | tokens / image | train (s) | train CPU (s) | final loss | accuracy | "
-          + " | ".join(types) + " |")  # fmt: skip
+    print(
+        "| variant | seed | tiles | tokens / image | train (s) | train CPU (s) | final loss | accuracy | "
+        + " | ".join(types)
+        + " |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(types))
     for r in results:
-        cells = [r["variant"], r["seed"], r["tiles"], r["tokens_per_image"], f"{r['train_seconds']:.0f}",
-                 f"{r['train_cpu_seconds']:.0f}", f"{r['final_loss']:.3f}", f"{r['accuracy']:.3f}"]  # fmt: skip
+        cells = [
+            r["variant"],
+            r["seed"],
+            r["tiles"],
+            r["tokens_per_image"],
+            f"{r['train_seconds']:.0f}",
+            f"{r['train_cpu_seconds']:.0f}",
+            f"{r['final_loss']:.3f}",
+            f"{r['accuracy']:.3f}",
+        ]
         cells += [f"{r['per_type'].get(kind, math.nan):.3f}" for kind in types]
         print("| " + " | ".join(str(cell) for cell in cells) + " |")
     for variant in dict.fromkeys(r["variant"] for r in results):
@@ -264,8 +312,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for variant in variants:
             results.append(train_and_score(variant, seed, args, training_args, tokenizer, train, questions))
             r = results[-1]
-            print(f"{variant} seed {seed}: accuracy {r['accuracy']:.3f} after {r['train_seconds']:.0f} s "
-                  f"({r['tiles']} tiles, {r['tokens_per_image']} image tokens)", flush=True)  # fmt: skip
+            print(
+                f"{variant} seed {seed}: accuracy {r['accuracy']:.3f} after {r['train_seconds']:.0f} s "
+                f"({r['tiles']} tiles, {r['tokens_per_image']} image tokens)",
+                flush=True,
+            )
     print_results(results, len(questions))
     return results
 

@@ -15,9 +15,21 @@ import torch  # noqa: E402
 # The packages whose releases the supported window (setup.cfg) spans: printed first, so every run (CI runs the suite
 # at both ends of the window) says what it was tested on.
 WINDOW_PACKAGES = (
-    "torch", "transformers", "trl", "peft", "accelerate", "datasets", "evaluate", "huggingface_hub", "safetensors",
-    "tokenizers", "numpy", "pillow", "matplotlib", "pyyaml",
-)  # fmt: skip
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "evaluate",
+    "huggingface_hub",
+    "safetensors",
+    "tokenizers",
+    "numpy",
+    "pillow",
+    "matplotlib",
+    "pyyaml",
+)
 
 
 def tested_versions() -> str:

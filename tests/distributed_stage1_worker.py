@@ -45,15 +45,28 @@ class RecordingTrainer(Stage1Trainer):
 def build_model(tokenizer) -> QFormerForImageTextPretraining:
     config = QFormerPretrainingConfig(
         vision_config={
-            "model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-            "intermediate_size": 64, "image_size": IMAGE_SIZE, "patch_size": 8,
-            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "model_type": "vit",
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "image_size": IMAGE_SIZE,
+            "patch_size": 8,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
         },
         qformer_config={
-            "model_type": "vlbridge_qformer", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 64, "num_query_tokens": 4, "vocab_size": len(tokenizer),
-            "max_position_embeddings": 32, "initializer_range": 0.3,
-            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "model_type": "vlbridge_qformer",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "num_query_tokens": 4,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 32,
+            "initializer_range": 0.3,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
         },
         embed_dim=16,
         # A trained tower also puts the gathered ITM negatives' gradients (AllGatherWithGrad) to the test.
@@ -61,7 +74,7 @@ def build_model(tokenizer) -> QFormerForImageTextPretraining:
         decoder_start_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    )
     return QFormerForImageTextPretraining(config)
 
 
@@ -80,18 +93,30 @@ def main(argv: list[str] | None = None) -> dict:
     )["train"]
     tokenizer = build_word_tokenizer([*caption_vocabulary(), "[DEC]"])
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=[0.5] * 3, image_std=[0.5] * 3,
-    )  # fmt: skip
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
     collator = ImageTextCollator(image_processor, tokenizer, max_length=16)
 
     torch.manual_seed(0)  # the same initial weights in every process and in every run
     model = build_model(tokenizer)
     training_args = Stage1Config(
-        output_dir=str(args.output) + ".trainer", per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=1e-3, lr_scheduler_type="constant", warmup_ratio=0.0, logging_steps=1, save_strategy="no",
-        report_to="none", seed=0, dataloader_drop_last=True, use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(args.output) + ".trainer",
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        warmup_ratio=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_drop_last=True,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = RecordingTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator)
     trainer.train()
     result = {

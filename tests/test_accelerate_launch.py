@@ -54,24 +54,44 @@ CASES = {
     # max_objects 1 and one caption per image: every caption has the same length, so both processes hold as many
     # ITG tokens. --dropout 0 (the recipe's default) for the Q-Former; the recipe's ViT has no dropout.
     "stage1": Case(
-        "pretrain_qformer.py", "pretrain_qformer_builtin.yaml", 8,
-        ("--num_train_images", "64", "--num_eval_images", "8", "--k_test", "4", "--vision_layers", "1",
-         "--max_objects", "1", "--captions_per_image", "1", "--dropout", "0"),
+        "pretrain_qformer.py",
+        "pretrain_qformer_builtin.yaml",
+        8,
+        (
+            "--num_train_images",
+            "64",
+            "--num_eval_images",
+            "8",
+            "--k_test",
+            "4",
+            "--vision_layers",
+            "1",
+            "--max_objects",
+            "1",
+            "--captions_per_image",
+            "1",
+            "--dropout",
+            "0",
+        ),
         equal_targets=True,
     ),
     # --bridge perceiver: the tiny Q-Former bridge has dropout 0.1 and the recipes have no flag to turn it off; the
     # Perceiver, the CLIP-style ViT and the Llama have none. Captions of one or two objects: unequal token counts.
     "stage2": Case(
-        "pretrain_generative.py", "pretrain_generative_builtin.yaml", 4,
+        "pretrain_generative.py",
+        "pretrain_generative_builtin.yaml",
+        4,
         ("--bridge", "perceiver", "--num_train_images", "32", "--num_eval_images", "0", "--warmup_steps", "0"),
         equal_targets=False,
     ),
     "sft": Case(
-        "sft.py", "sft_builtin.yaml", 4,
+        "sft.py",
+        "sft_builtin.yaml",
+        4,
         ("--bridge", "perceiver", "--num_train_images", "32", "--warmup_steps", "0"),
         equal_targets=False,
     ),
-}  # fmt: skip
+}
 
 
 def start(case: Case, tmp_path: Path, num_processes: int) -> tuple[subprocess.Popen, Path, Path]:

@@ -69,8 +69,12 @@ def image_runs(ids) -> list[int]:
 
 def test_default_pinpoints_are_blip3_grids_of_the_base_size():
     assert BridgeAnyResImageProcessor().image_grid_pinpoints == [
-        [384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]
-    ]  # fmt: skip
+        [384, 768],
+        [768, 384],
+        [768, 768],
+        [1152, 384],
+        [384, 1152],
+    ]
     assert image_processor().image_grid_pinpoints == PINPOINTS
     assert grid_pinpoints_from_grids(TILE, [(2, 3)]) == [[64, 96]]
 
@@ -189,8 +193,12 @@ def test_model_rejects_inputs_that_do_not_fit():
 @pytest.mark.parametrize("bridge", ["perceiver", "qformer"])
 def test_padding_tiles_change_nothing(bridge):
     proc, model = processor(), build(bridge)
-    out = proc(images=[[noise(20, 20)], [noise(64, 64, 1)]], text=["<image> a", "<image> b"], return_tensors="pt",
-               padding=True)  # fmt: skip
+    out = proc(
+        images=[[noise(20, 20)], [noise(64, 64, 1)]],
+        text=["<image> a", "<image> b"],
+        return_tensors="pt",
+        padding=True,
+    )
     pixel_values = out["pixel_values"]
     assert pixel_values.shape[1] == 5 and torch.all(pixel_values[0, 3:] == 0)  # 3 real tiles, 2 padding tiles
     garbage = pixel_values.clone()
@@ -210,8 +218,9 @@ def test_each_tile_is_encoded_on_its_own():
     out = proc(images=[noise(30, 100), noise(64, 64, 1)], return_tensors="pt")
     with torch.no_grad():
         features = model.get_image_features(out["pixel_values"], image_sizes=out["image_sizes"])  # (9, N, D)
-        singles = [model.get_image_features(out["pixel_values"][i, t : t + 1]) for i, n in ((0, 4), (1, 5))
-                   for t in range(n)]  # fmt: skip
+        singles = [
+            model.get_image_features(out["pixel_values"][i, t : t + 1]) for i, n in ((0, 4), (1, 5)) for t in range(n)
+        ]
     assert features.shape[0] == 9
     torch.testing.assert_close(features, torch.cat(singles), atol=1e-5, rtol=1e-5)
 
@@ -251,8 +260,12 @@ def test_padded_feature_mask_matches_the_black_padding():
 def test_generate_encodes_images_once_and_matches_a_full_forward():
     proc, model = processor(), build()
     proc.tokenizer.padding_side = "left"
-    out = proc(images=[[noise(30, 100)], [noise(64, 64, 1)]], text=["<image> what", "the <image> a red"],
-               return_tensors="pt", padding=True)  # fmt: skip
+    out = proc(
+        images=[[noise(30, 100)], [noise(64, 64, 1)]],
+        text=["<image> what", "the <image> a red"],
+        return_tensors="pt",
+        padding=True,
+    )
     calls = []
     model.model.vision_tower.register_forward_hook(lambda module, args, output: calls.append(1))
     generated = model.generate(**out, max_new_tokens=4, do_sample=False)
@@ -261,8 +274,13 @@ def test_generate_encodes_images_once_and_matches_a_full_forward():
     ids, mask = out["input_ids"], out["attention_mask"]
     with torch.no_grad():
         for _ in range(4):
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=out["pixel_values"],
-                           image_sizes=out["image_sizes"], use_cache=False).logits[:, -1]  # fmt: skip
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=out["pixel_values"],
+                image_sizes=out["image_sizes"],
+                use_cache=False,
+            ).logits[:, -1]
             logits[:, IMAGE_ID] = -float("inf")  # generate suppresses the placeholder
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -279,11 +297,15 @@ def test_collators_carry_image_sizes_and_check_the_model():
     assert not (caption["labels"] == IMAGE_ID).any()
 
     chat = [
-        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour ?"}]},
-                      {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
-         "images": [noise(100, 30)]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour ?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            ],
+            "images": [noise(100, 30)],
+        },
         {"messages": [{"role": "user", "content": "yes ?"}, {"role": "assistant", "content": "no"}]},
-    ]  # fmt: skip
+    ]
     batch = ChatCollator.from_model(model, proc)(chat)
     assert batch["image_sizes"].tolist() == [[100, 30]] and batch["pixel_values"].shape[:2] == (1, 4)
     assert [image_runs(row) for row in batch["input_ids"].tolist()] == [[4 * N], []]
@@ -291,8 +313,9 @@ def test_collators_carry_image_sizes_and_check_the_model():
     loss.backward()
     assert torch.isfinite(loss) and model.model.bridge.latents.grad.abs().sum() > 0
 
-    single_view = BridgeProcessor(SiglipImageProcessorPil(size={"height": 32, "width": 32}), make_tokenizer(),
-                                  num_image_tokens=N)  # fmt: skip
+    single_view = BridgeProcessor(
+        SiglipImageProcessorPil(size={"height": 32, "width": 32}), make_tokenizer(), num_image_tokens=N
+    )
     with pytest.raises(ValueError, match="Only the model uses any-res"):
         ChatCollator.from_model(model, single_view)
     with pytest.raises(ValueError, match="tiles images with"):
@@ -340,8 +363,9 @@ def test_instructblip_qformer_text_reaches_every_tile():
         image_processor(), make_tokenizer(), qformer_tokenizer=make_qformer_tokenizer(), num_image_tokens=N
     )
     model = build("qformer", use_qformer_text_input=True)
-    per_sample = proc(images=[[noise(30, 100), noise(64, 64, 1)]], text=["<image> <image> what colour ?"],
-                      return_tensors="pt")  # fmt: skip
+    per_sample = proc(
+        images=[[noise(30, 100), noise(64, 64, 1)]], text=["<image> <image> what colour ?"], return_tensors="pt"
+    )
     assert per_sample["qformer_input_ids"].shape[0] == 1
     per_image = {
         **per_sample,
@@ -368,9 +392,17 @@ def test_trl_sft_trainer_carries_image_sizes(tmp_path):
     rows = make_synthetic_chat({"train": 4}, image_size=48, turns=1)["train"]
     dataset = Dataset.from_list([{"messages": row["messages"], "images": row["images"]} for row in rows])
     args = trl.SFTConfig(
-        str(tmp_path), per_device_train_batch_size=4, assistant_only_loss=True, max_length=None, use_cpu=True,
-        report_to="none", bf16=False, gradient_checkpointing=False, save_strategy="no", max_steps=1,
-    )  # fmt: skip
+        str(tmp_path),
+        per_device_train_batch_size=4,
+        assistant_only_loss=True,
+        max_length=None,
+        use_cpu=True,
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        max_steps=1,
+    )
     proc, model = processor(), build()
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=proc)
     batch = trainer.data_collator([dataset[i] for i in range(4)])

@@ -22,9 +22,25 @@ def example():
 
 
 def tiny_argv(tmp_path, *extra: str) -> list[str]:
-    return ["--config", str(CONFIG), "--output_dir", str(tmp_path), "--num_train_images", "16",
-            "--num_eval_images", "3", "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1",
-            "--seeds", "0", *extra]  # fmt: skip
+    return [
+        "--config",
+        str(CONFIG),
+        "--output_dir",
+        str(tmp_path),
+        "--num_train_images",
+        "16",
+        "--num_eval_images",
+        "3",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        "--seeds",
+        "0",
+        *extra,
+    ]
 
 
 def test_variants_differ_only_in_image_processing(example, tmp_path):

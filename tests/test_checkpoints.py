@@ -48,8 +48,12 @@ def test_round_trip_in_a_fresh_process(tmp_path):
     model, processor = tiny_model_and_processor()
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
-    inputs = processor(images=make_images(2), text=["<image> a red circle", "<image> two blue squares"],
-                       padding=True, return_tensors="pt")  # fmt: skip
+    inputs = processor(
+        images=make_images(2),
+        text=["<image> a red circle", "<image> two blue squares"],
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         expected = model(**inputs).logits
     torch.save({"inputs": dict(inputs), "logits": expected}, tmp_path / "expected.pt")
@@ -87,15 +91,24 @@ def test_push_to_hub_commits_everything_and_loads_back(tmp_path):
             shutil.copy(op.path_or_fileobj, target)
         return SimpleNamespace(commit_url="https://example.invalid/commit", oid="0" * 40)
 
-    with mock.patch.object(HfApi, "create_repo", fake_create_repo), \
-            mock.patch.object(HfApi, "create_commit", fake_create_commit):  # fmt: skip
+    with (
+        mock.patch.object(HfApi, "create_repo", fake_create_repo),
+        mock.patch.object(HfApi, "create_commit", fake_create_commit),
+    ):
         model.push_to_hub("someone/tiny-vlm", processor=processor, card_details="Trained on nothing yet.")
 
     assert len(commits) == 1, "model, processor and card go up in one commit"
     repo_id, _, files = commits[0]
     assert repo_id == "someone/tiny-vlm"
-    for required in ("config.json", "model.safetensors", "processor_config.json", "chat_template.jinja",
-                     "README.md", "tokenizer.json", "tokenizer_config.json"):  # fmt: skip
+    for required in (
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "chat_template.jinja",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert required in files, (required, files)
     card = (remote / "README.md").read_text()
     assert "Q-Former" in card and "llama" in card and "Trained on nothing yet." in card
@@ -113,11 +126,13 @@ def test_push_to_hub_commits_everything_and_loads_back(tmp_path):
 def test_from_vision_text_pretrained(tmp_path):
     torch.manual_seed(0)
     clip_config = AutoConfig.for_model(
-        "clip", vision_config=vision_config("clip").to_dict(),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=99),
+        "clip",
+        vision_config=vision_config("clip").to_dict(),
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     clip = CLIPModel(clip_config).eval()
     clip.save_pretrained(tmp_path / "clip")
     lm = AutoModelForCausalLM.from_config(text_config("opt")).eval()
@@ -125,9 +140,12 @@ def test_from_vision_text_pretrained(tmp_path):
     make_tokenizer().save_pretrained(tmp_path / "opt")
 
     model = BridgeVLMForConditionalGeneration.from_vision_text_pretrained(
-        tmp_path / "clip", tmp_path / "opt", QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                           intermediate_size=64, num_query_tokens=4)
-    ).eval()  # fmt: skip
+        tmp_path / "clip",
+        tmp_path / "opt",
+        QFormerConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_query_tokens=4
+        ),
+    ).eval()
     assert model.config.image_token_id == IMAGE_ID  # found in the LM's tokenizer
     pixel_values = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -167,19 +185,28 @@ def test_processor_after_from_vision_text_pretrained_warns_only_when_true(tmp_pa
     lm.save_pretrained(tmp_path / "llama")
     AutoModel.from_config(vision_config("siglip")).save_pretrained(tmp_path / "siglip")
     model = BridgeVLMForConditionalGeneration.from_vision_text_pretrained(
-        tmp_path / "siglip", tmp_path / "llama", {"model_type": "vlbridge_qformer", "hidden_size": 32,
-                                                   "num_hidden_layers": 1, "num_attention_heads": 4,
-                                                   "intermediate_size": 64, "num_query_tokens": 4}
-    ).eval()  # fmt: skip
+        tmp_path / "siglip",
+        tmp_path / "llama",
+        {
+            "model_type": "vlbridge_qformer",
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "num_query_tokens": 4,
+        },
+    ).eval()
     image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
 
     def build_processor(**kwargs):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             processor = BridgeProcessor(
-                image_processor, AutoTokenizer.from_pretrained(tmp_path / "llama"),
-                num_image_tokens=model.config.num_image_tokens, **kwargs,
-            )  # fmt: skip
+                image_processor,
+                AutoTokenizer.from_pretrained(tmp_path / "llama"),
+                num_image_tokens=model.config.num_image_tokens,
+                **kwargs,
+            )
         return processor, [r.getMessage() for r in caplog.records if "resize_token_embeddings" in r.getMessage()]
 
     processor, warnings = build_processor(image_token_id=model.config.image_token_id)

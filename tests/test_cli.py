@@ -69,8 +69,13 @@ def fast_demo(tmp_path_factory):
     executable = shutil.which("vlbridge")
     command = [executable] if executable else [sys.executable, "-m", "vlbridge.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([*command, "demo", "--fast", "--output_dir", str(output_dir)], capture_output=True,
-                            text=True, timeout=300, env=env)  # fmt: skip
+    result = subprocess.run(
+        [*command, "demo", "--fast", "--output_dir", str(output_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result.stdout
 
@@ -86,8 +91,14 @@ def test_demo_saves_every_stage_and_prints_the_metric_table(fast_demo):
     for index in range(1, 5):
         assert f"[{index}/4]" in stdout  # a header line per stage
     table = stdout[stdout.index("| stage | metric | value |") :]
-    for row in ["stage1 | R@1 image->text", "stage1 | R@1 text->image", "stage2 | CIDEr", "sft | VQA accuracy",
-                "dpo | preference accuracy before", "dpo | preference accuracy after"]:  # fmt: skip
+    for row in [
+        "stage1 | R@1 image->text",
+        "stage1 | R@1 text->image",
+        "stage2 | CIDEr",
+        "sft | VQA accuracy",
+        "dpo | preference accuracy before",
+        "dpo | preference accuracy after",
+    ]:
         assert re.search(rf"\| {re.escape(row)} \| [0-9.e-]+ \|", table), row
     assert f"report: {(output_dir / 'report' / 'report.html').resolve()}" in stdout
     metrics = json.loads((output_dir / "metrics.json").read_text())

@@ -51,8 +51,14 @@ def data(tmp_path_factory):
                 ],
             }
         )
-        preferences.append({"images": [f"{colour}.png"], "prompt": "<image> what colour is it?", "chosen": colour,
-                            "rejected": "purple"})  # fmt: skip
+        preferences.append(
+            {
+                "images": [f"{colour}.png"],
+                "prompt": "<image> what colour is it?",
+                "chosen": colour,
+                "rejected": "purple",
+            }
+        )
     (root / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in captions))
     (root / "chats.jsonl").write_text("\n".join(json.dumps(line) for line in chats))
     (root / "preferences.jsonl").write_text("\n".join(json.dumps(line) for line in preferences))
@@ -64,12 +70,16 @@ def data(tmp_path_factory):
     [
         (["train", "--stage", "sft"], "chats.jsonl"),
         (["train", "--stage", "sft-trl"], "chats.jsonl"),
-        (["train", "--stage", "lora-sft", "--model_name_or_path", "none", "--num_preference_images", "2"],
-         "chats.jsonl"),
-        (["dpo", "--model_name_or_path", "none", "--num_eval_images", "2", "--sft_num_train_images", "0"],
-         "preferences.jsonl"),
+        (
+            ["train", "--stage", "lora-sft", "--model_name_or_path", "none", "--num_preference_images", "2"],
+            "chats.jsonl",
+        ),
+        (
+            ["dpo", "--model_name_or_path", "none", "--num_eval_images", "2", "--sft_num_train_images", "0"],
+            "preferences.jsonl",
+        ),
     ],
-)  # fmt: skip
+)
 def test_training_commands_take_a_dataset(data, tmp_path, capsys, command, dataset):
     argv = [*command, "--dataset", str(data / dataset), "--output_dir", str(tmp_path / "out"), *TINY]
     assert run_main(argv) == 0, capsys.readouterr().err[-2000:]
@@ -111,8 +121,9 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(data, tmp_path, capsy
     assert run_main(["train", "--stage", "sft", "--max_stepz", "3"]) == 2
     err = error_line(capsys.readouterr().err)
     assert "vlbridge train: error: " in err and "--max_stepz" in err, err
-    (tmp_path / "prefs.jsonl").write_text(json.dumps({"images": ["gone.png"], "prompt": "p", "chosen": "a",
-                                                      "rejected": "b"}))  # fmt: skip
+    (tmp_path / "prefs.jsonl").write_text(
+        json.dumps({"images": ["gone.png"], "prompt": "p", "chosen": "a", "rejected": "b"})
+    )
     assert run_main(["dpo", "--model_name_or_path", "none", "--dataset", str(tmp_path / "prefs.jsonl"), *TINY]) == 2
     err = error_line(capsys.readouterr().err)
     assert "image 'gone.png' not found" in err, err
@@ -131,10 +142,12 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(data, tmp_path, capsy
     "command,line",
     [
         (["train", "--stage", "stage2"], {"file_name": "../outside.png", "text": "a red square"}),
-        (["dpo", "--model_name_or_path", "none"], {"images": ["../outside.png"], "prompt": "p", "chosen": "a",
-                                                   "rejected": "b"}),
+        (
+            ["dpo", "--model_name_or_path", "none"],
+            {"images": ["../outside.png"], "prompt": "p", "chosen": "a", "rejected": "b"},
+        ),
     ],
-)  # fmt: skip
+)
 def test_dataset_paths_outside_its_folder_need_the_flag(tmp_path, capsys, command, line):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "outside.png")
     (tmp_path / "data").mkdir()

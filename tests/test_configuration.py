@@ -92,9 +92,11 @@ def test_clear_errors():
 def tiny_vlm_config(**kwargs) -> BridgeVLMConfig:
     """`tiny.vlm_config` with any `image_token_id`."""
     return BridgeVLMConfig(
-        vision_config=vision_config("clip"), bridge_config=bridge_config("qformer"), text_config=text_config("opt"),
+        vision_config=vision_config("clip"),
+        bridge_config=bridge_config("qformer"),
+        text_config=text_config("opt"),
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 def test_default_config_and_unset_image_token_build():

@@ -23,14 +23,25 @@ NUM_QUERY = 4
 VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
 )
-QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=96,
-               max_position_embeddings=64)  # fmt: skip
+QFORMER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=96,
+    max_position_embeddings=64,
+)
 
 
 def make_source(tmp_path, family: str, text: str):
     torch.manual_seed(0)
-    common = dict(vision_config=VISION, qformer_config=QFORMER, text_config=text_config(text).to_dict(),
-                  num_query_tokens=NUM_QUERY, image_token_index=IMAGE_ID)  # fmt: skip
+    common = dict(
+        vision_config=VISION,
+        qformer_config=QFORMER,
+        text_config=text_config(text).to_dict(),
+        num_query_tokens=NUM_QUERY,
+        image_token_index=IMAGE_ID,
+    )
     image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
     tokenizer = make_tokenizer()
     if family == "blip2":
@@ -51,16 +62,20 @@ def inputs(with_qformer_text: bool):
     g = torch.Generator().manual_seed(1)
     text = torch.randint(10, 60, (2, 5), generator=g)
     input_ids = torch.cat([torch.full((2, NUM_QUERY), IMAGE_ID), torch.full((2, 1), BOS_ID), text], dim=1)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-             "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}  # fmt: skip
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(2, 3, 32, 32, generator=g),
+    }
     if with_qformer_text:
         batch["qformer_input_ids"] = torch.randint(10, 60, (2, 6), generator=g)
         batch["qformer_attention_mask"] = torch.ones(2, 6, dtype=torch.long)
     return batch
 
 
-@pytest.mark.parametrize("family,text", [("blip2", "opt"), ("blip2", "t5"), ("instructblip", "opt"),
-                                         ("instructblip", "t5")])  # fmt: skip
+@pytest.mark.parametrize(
+    "family,text", [("blip2", "opt"), ("blip2", "t5"), ("instructblip", "opt"), ("instructblip", "t5")]
+)
 def test_converted_checkpoint_matches_transformers(tmp_path, family, text):
     source, source_dir = make_source(tmp_path, family, text)
     convert_blip2_checkpoint(source_dir, tmp_path / "converted")

@@ -101,8 +101,13 @@ def check_caption_pair(scene: Scene, chosen: str, rejected: str, edit: str) -> N
 
 
 def check_question_pair(scene: Scene, question: str, chosen: str, rejected: str, edit: str) -> None:
-    kinds = {"colour": set(COLOURS), "shape": set(SHAPES), "size": set(SIZES), "exists": {"yes", "no"},
-             "count": {"zero", "one", "two", "three"}}  # fmt: skip
+    kinds = {
+        "colour": set(COLOURS),
+        "shape": set(SHAPES),
+        "size": set(SIZES),
+        "exists": {"yes", "no"},
+        "count": {"zero", "one", "two", "three"},
+    }
     assert chosen != rejected
     if edit in kinds:
         assert {chosen, rejected} <= kinds[edit]
@@ -216,8 +221,10 @@ def test_multi_image_questions_have_the_right_answer():
         answers.append(answer)
     assert set(answers) == {"the first image", "the second image"}
     assert set(data["train"]["question_type"]) == {"more", "find"}
-    keys = {split: {describe_positions(Scene.from_objects(o)) for pair in data[split]["objects"] for o in pair}
-            for split in data}  # fmt: skip
+    keys = {
+        split: {describe_positions(Scene.from_objects(o)) for pair in data[split]["objects"] for o in pair}
+        for split in data
+    }
     assert len(keys["train"]) == 80 and not keys["train"] & keys["test"]
     again = make_synthetic_multi_image({"train": 40, "test": 10}, image_size=32, seed=1)
     assert raw(again["test"]) == raw(data["test"])
@@ -240,13 +247,20 @@ def test_small_objects_are_small_in_large_images():
 def test_vocabularies_cover_every_word():
     preference = make_synthetic_preference({"train": 30}, image_size=32)["train"]
     safety = make_synthetic_safety_chat({"train": 30}, image_size=32, turns=3)["train"]
-    texts = [text(row[key], role) for row in preference.to_list() for key, role in
-             (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant"))]  # fmt: skip
+    texts = [
+        text(row[key], role)
+        for row in preference.to_list()
+        for key, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant"))
+    ]
     texts += [text(row["messages"], role) for row in safety.to_list() for role in ("user", "assistant")]
     multi = make_synthetic_multi_image({"train": 30}, image_size=32)["train"]
     small = make_synthetic_small_objects({"train": 10}, image_size=96, turns=(1, 5))["train"]
-    other = [text(row["messages"], role) for rows in (multi, small) for row in rows.to_list() for role in
-             ("user", "assistant")]  # fmt: skip
+    other = [
+        text(row["messages"], role)
+        for rows in (multi, small)
+        for row in rows.to_list()
+        for role in ("user", "assistant")
+    ]
     for words, samples in ((preference_vocabulary(), texts), (multi_image_vocabulary(), texts + other)):
         tokenizer = build_word_tokenizer(words)
         unknown = [t for t in samples if tokenizer.unk_token_id in tokenizer(t, add_special_tokens=False).input_ids]

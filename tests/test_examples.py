@@ -67,13 +67,24 @@ def save_tiny_stage1(directory: Path, with_processor: bool = True) -> None:
     from vlbridge.recipes.tiny import TINY_BRIDGES
 
     bridge = {**TINY_BRIDGES["qformer"], "use_text_input": True, "vocab_size": 32, "max_position_embeddings": 16}
-    vision = {"model_type": "vit", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-              "intermediate_size": 128, "image_size": 32, "patch_size": 8}  # fmt: skip
+    vision = {
+        "model_type": "vit",
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     torch.manual_seed(1)
     config = QFormerPretrainingConfig(
-        vision_config=vision, qformer_config=bridge, embed_dim=16, decoder_start_token_id=31, pad_token_id=0,
+        vision_config=vision,
+        qformer_config=bridge,
+        embed_dim=16,
+        decoder_start_token_id=31,
+        pad_token_id=0,
         eos_token_id=2,
-    )  # fmt: skip
+    )
     QFormerForImageTextPretraining(config).save_pretrained(directory)
     if with_processor:
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
@@ -129,9 +140,16 @@ def test_language_model_text_warm_up_trains_only_the_language_model(tmp_path):
     trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     captions = make_synthetic_image_text({"train": 64}, image_size=32, captions_per_image=1)["train"]["caption"]
     args = TrainingArguments(
-        str(tmp_path), max_steps=30, learning_rate=3e-3, per_device_train_batch_size=16, logging_steps=5,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
+        str(tmp_path),
+        max_steps=30,
+        learning_rate=3e-3,
+        per_device_train_batch_size=16,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     loss = train_language_model_on_text(model, processor.tokenizer, captions, args)
     assert loss < 0.6 * torch.log(torch.tensor(float(len(processor.tokenizer)))).item()  # far below uniform
     for name, parameter in model.named_parameters():

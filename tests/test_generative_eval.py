@@ -192,9 +192,11 @@ def test_instructblip_q_former_reads_the_question_not_the_rendered_chat(processo
     from vlbridge.processing import BridgeProcessor
 
     instruct = BridgeProcessor(
-        processor.image_processor, processor.tokenizer, qformer_tokenizer=processor.tokenizer,
+        processor.image_processor,
+        processor.tokenizer,
+        qformer_tokenizer=processor.tokenizer,
         num_image_tokens=processor.num_image_tokens,
-    )  # fmt: skip
+    )
     questions = list(vqa_data["question"])
     oracle = Oracle(processor.tokenizer, list(vqa_data["answer"]))
     evaluate_generation(oracle, instruct, vqa_data, task="vqa", batch_size=4, progress=False)

@@ -263,9 +263,15 @@ def test_image_paths_that_leave_the_dataset_folder_raise(dataset_folder, loader,
         allowed = load(folder_or_file, streaming=streaming, allow_outside_paths=True)
         assert [row["caption"] for row in allowed] == ["a", "b"]
 
-    chats = [{"images": ["inside.png", "../outside.png"], "messages": [
-        {"role": "user", "content": "<image><image> which?"}, {"role": "assistant", "content": "a"},
-    ]}]  # fmt: skip
+    chats = [
+        {
+            "images": ["inside.png", "../outside.png"],
+            "messages": [
+                {"role": "user", "content": "<image><image> which?"},
+                {"role": "assistant", "content": "a"},
+            ],
+        }
+    ]
     metadata = write_metadata(dataset_folder, chats, name="chat.jsonl")
     with pytest.raises(ValueError, match="Line 1 .*leaves the dataset folder"):
         load_image_text_jsonl(metadata, streaming=streaming)

@@ -149,12 +149,18 @@ def test_beam_search_keeps_each_samples_images(anyres):
         model.model.language_projection.weight.mul_(50)
     (a, b, _), _, (d,) = images()
     samples = [("<image> a red <image> circle", [a, b]), ("a blue <image> square", [d])]
-    batch = processor(images=[imgs for _, imgs in samples], text=[text for text, _ in samples], return_tensors="pt",
-                      padding=True)  # fmt: skip
+    batch = processor(
+        images=[imgs for _, imgs in samples], text=[text for text, _ in samples], return_tensors="pt", padding=True
+    )
     generated = model.generate(
-        **batch, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False,
-        return_dict_in_generate=True, output_logits=True,
-    )  # fmt: skip
+        **batch,
+        max_new_tokens=2,
+        num_beams=2,
+        num_return_sequences=2,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     assert generated.sequences.shape[0] == 4
     first_step = generated.logits[0]  # (batch * num_beams, vocab)
     for i, (text, sample_images) in enumerate(samples):

@@ -84,8 +84,14 @@ def test_image_text_recall_uses_every_caption_of_an_image():
     assert {key: value for key, value in result.items() if key != "r_mean"} == expected
     assert result["r_mean"] == pytest.approx(np.mean(list(expected.values())))
     assert set(image_text_recall(scores, [0, 0, 0, 1])) == {
-        "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean"
-    }  # fmt: skip
+        "i2t_r1",
+        "i2t_r5",
+        "i2t_r10",
+        "t2i_r1",
+        "t2i_r5",
+        "t2i_r10",
+        "r_mean",
+    }
 
 
 def test_bad_inputs_raise_clear_errors():

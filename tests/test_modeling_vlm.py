@@ -271,9 +271,11 @@ def test_readme_style_qformer_bridge_has_no_text_branch():
     # As in the README: a plain QFormerConfig, whose use_text_input defaults to True.
     qformer = QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     config = BridgeVLMConfig(
-        vision_config=vlm_config().vision_config, bridge_config=qformer, text_config=vlm_config().text_config,
+        vision_config=vlm_config().vision_config,
+        bridge_config=qformer,
+        text_config=vlm_config().text_config,
         image_token_id=IMAGE_ID,
-    )  # fmt: skip
+    )
     model = BridgeVLMForConditionalGeneration(config)
     bridge_keys = list(model.model.bridge.state_dict())
     assert bridge_keys and not [key for key in bridge_keys if TEXT_BRANCH.search(key)]

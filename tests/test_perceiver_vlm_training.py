@@ -89,10 +89,19 @@ def make_processor(phi3: bool) -> BridgeProcessor:
 def train(model, dataset, collator, tmp_path, steps: int = 40) -> list[float]:
     """Train with the HF Trainer; check that the frozen vision tower did not move; return the logged losses."""
     args = TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
-        remove_unused_columns=False, disable_tqdm=True, seed=0,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=0,
+    )
     vision_before = {n: p.detach().clone() for n, p in model.model.vision_tower.named_parameters()}
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.train()

@@ -161,14 +161,22 @@ def test_qformer_outputs_are_text_without_placeholders():
     texts = ["<s><image> what is the colour", "<image> describe <image>"]
     out = processor(images=make_images(3), text=texts, padding=True, return_tensors="pt")
     assert set(out.keys()) == {
-        "input_ids", "attention_mask", "pixel_values", "qformer_input_ids", "qformer_attention_mask"
-    }  # fmt: skip
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "qformer_input_ids",
+        "qformer_attention_mask",
+    }
     expected = make_qformer_tokenizer()(["what is the colour", "describe"], padding=True, return_tensors="pt")
     assert out["qformer_input_ids"].tolist() == expected["input_ids"].tolist()
     assert out["qformer_attention_mask"].tolist() == [[1] * 6, [1] * 3 + [0] * 3]
     assert processor.model_input_names == [
-        "input_ids", "attention_mask", "pixel_values", "qformer_input_ids", "qformer_attention_mask"
-    ]  # fmt: skip
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "qformer_input_ids",
+        "qformer_attention_mask",
+    ]
 
 
 def test_a_chat_rendered_by_the_default_template_gives_the_q_former_the_messages_words():
@@ -225,13 +233,20 @@ def test_padding_side_kwarg_and_tokenizer_setting():
 def test_trl_style_prompt_and_completion_calls():
     processor = make_processor()
     prompts = processor(
-        images=[make_images(1), make_images(1)], text=["<s>user: <image>\n", "<s>user: <image> red\n"],
-        padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False,
-    )  # fmt: skip
-    completions = processor(
-        text=["a red circle</s>", "no</s>"], padding=True, padding_side="right", return_tensors="pt",
+        images=[make_images(1), make_images(1)],
+        text=["<s>user: <image>\n", "<s>user: <image> red\n"],
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
         add_special_tokens=False,
-    )  # fmt: skip
+    )
+    completions = processor(
+        text=["a red circle</s>", "no</s>"],
+        padding=True,
+        padding_side="right",
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
     assert prompts["input_ids"][:, -1].tolist() != [PAD_ID, PAD_ID] and prompts["input_ids"][0, 0].item() == PAD_ID
     assert completions["input_ids"][1].tolist()[-2:] == [PAD_ID, PAD_ID]
     assert prompts["pixel_values"].shape[0] == 2
@@ -285,9 +300,13 @@ def test_chat_template_tokenized_with_images():
         [{"role": "user", "content": [{"type": "image", "image": images[1]}, {"type": "text", "text": "what"}]}],
     ]
     out = processor.apply_chat_template(
-        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
         processor_kwargs={"padding": True},
-    )  # fmt: skip
+    )
     assert out["pixel_values"].shape == (2, 3, 32, 32)
     for row in out["input_ids"].tolist():
         assert image_runs(row) == [N]
@@ -299,9 +318,12 @@ def test_chat_template_tokenized_with_images():
 def test_assistant_tokens_mask_covers_assistant_turns_only():
     processor = make_processor()
     out = processor.apply_chat_template(
-        CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+        CONVERSATION,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
         processor_kwargs={"images": make_images(1)},
-    )  # fmt: skip
+    )
     ids, mask = out["input_ids"][0], out["assistant_masks"][0]
     vocab = processor.tokenizer.convert_tokens_to_ids
     assistant = [ids[i] for i in range(len(ids)) if mask[i]]

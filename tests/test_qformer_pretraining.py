@@ -630,9 +630,15 @@ def test_momentum_state_is_saved_and_a_plain_checkpoint_seeds_it(tmp_path):
 def tiny_bert(model_class=BertModel):
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     bert = model_class(config).eval()
     with torch.no_grad():
         for param in bert.parameters():
@@ -665,9 +671,15 @@ def test_pretraining_model_from_bert_with_mlm_head_and_dec_token(tmp_path):
     bert = tiny_bert(BertForMaskedLM)
     bert.save_pretrained(tmp_path)
     model = QFormerForImageTextPretraining.from_bert(
-        tmp_path, vision_config=vision_config(), num_query_tokens=4, qformer_overrides={"vocab_size": 61},
-        embed_dim=16, decoder_start_token_id=60, eos_token_id=3, pad_token_id=0,
-    ).eval()  # fmt: skip
+        tmp_path,
+        vision_config=vision_config(),
+        num_query_tokens=4,
+        qformer_overrides={"vocab_size": 61},
+        embed_dim=16,
+        decoder_start_token_id=60,
+        eos_token_id=3,
+        pad_token_id=0,
+    ).eval()
     embeddings = model.qformer.embeddings.word_embeddings.weight
     assert embeddings.shape == (61, 32) and model.lm_head.decoder.weight is embeddings
     torch.testing.assert_close(embeddings[:60], bert.bert.embeddings.word_embeddings.weight)

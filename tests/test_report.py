@@ -141,10 +141,21 @@ def test_docstring_examples(name):
 def screenshot(page: Path, out: Path, profile: Path) -> np.ndarray:
     """Renders `page` in headless Chromium (isolated profile, no network services) and returns the RGB pixels."""
     command = [
-        shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-        f"--user-data-dir={profile}", f"--screenshot={out}", "--window-size=1200,1600", page.resolve().as_uri(),
-    ]  # fmt: skip
+        shutil.which("chromium"),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--screenshot={out}",
+        "--window-size=1200,1600",
+        page.resolve().as_uri(),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert out.exists(), f"chromium wrote no screenshot (exit {result.returncode}): {result.stderr[-2000:]}"
     with Image.open(out) as image:

@@ -44,9 +44,13 @@ def save_stage1(folder) -> None:
     model.save_pretrained(folder)
     processor = BridgeProcessor(image_processor(), make_tokenizer(), num_image_tokens=4)
     describe_checkpoint(
-        folder, stage="stage1", data="32 built-in scenes.", metrics={"i2t_r1": 0.625, "samples": ["not a scalar"]},
-        processor=processor, base_models="someone/vit-tiny",
-    )  # fmt: skip
+        folder,
+        stage="stage1",
+        data="32 built-in scenes.",
+        metrics={"i2t_r1": 0.625, "samples": ["not a scalar"]},
+        processor=processor,
+        base_models="someone/vit-tiny",
+    )
 
 
 def train_vlm(folder) -> tuple[dict, dict]:
@@ -56,9 +60,16 @@ def train_vlm(folder) -> tuple[dict, dict]:
     processor = BridgeProcessor(image_processor(), make_tokenizer(), num_image_tokens=model.config.num_image_tokens)
     data = make_synthetic_image_text({"train": 8}, image_size=32, captions_per_image=1, max_objects=1)["train"]
     args = TrainingArguments(
-        output_dir=str(folder / "run"), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(folder / "run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
     collator = CaptionCollator.from_model(model, processor)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
     metrics = finish_training(trainer, trainer.train(), processor, str(folder / "vlm"), metrics={"cider": 0.25})
@@ -77,9 +88,12 @@ def front_matter(card: str) -> str:
 
 def run_fresh(script: str, env: dict | None = None) -> str:
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )  # fmt: skip
+    )
     assert result.returncode == 0 and "FRESH-OK" in result.stdout, result.stderr[-3000:]
     return result.stdout
 
@@ -228,9 +242,13 @@ def plain_saves(tmp_path_factory):
 def run_without_vlbridge(script: str, tmp_path) -> str:
     """`script` in a fresh process that has not imported vlbridge, stdin closed (no interactive trust prompt)."""
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300,
-        stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path)},
-    )  # fmt: skip
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path)},
+    )
     assert result.returncode == 0 and "FRESH-OK" in result.stdout, result.stderr[-3000:]
     return result.stdout
 

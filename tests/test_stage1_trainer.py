@@ -26,15 +26,22 @@ def make_model(tokenizer, dropout: float = 0.0, seed: int = 0) -> QFormerForImag
     config = QFormerPretrainingConfig(
         vision_config=vision_config(),
         qformer_config={
-            "model_type": "vlbridge_qformer", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 64, "num_query_tokens": 4, "vocab_size": len(tokenizer),
-            "max_position_embeddings": 32, "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout,
+            "model_type": "vlbridge_qformer",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "num_query_tokens": 4,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 32,
+            "hidden_dropout_prob": dropout,
+            "attention_probs_dropout_prob": dropout,
         },
         embed_dim=16,
         decoder_start_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    )
     return QFormerForImageTextPretraining(config)
 
 
@@ -42,11 +49,24 @@ def run(tmp_path, data, batch_size, accumulation, steps=1, **kwargs):
     splits, tokenizer, collator = data
     model = make_model(tokenizer)
     args = Stage1Config(
-        str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-        max_steps=steps, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", warmup_ratio=0.0,
-        weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, save_strategy="no", seed=0, data_seed=0,
-        dataloader_drop_last=True, use_cpu=True, **kwargs,
-    )  # fmt: skip
+        str(tmp_path),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=steps,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        dataloader_drop_last=True,
+        use_cpu=True,
+        **kwargs,
+    )
     trainer = Stage1Trainer(model=model, args=args, train_dataset=splits["train"], data_collator=collator)
     # Sequential batches so both runs see the same 8 captions in the first optimizer step.
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(splits["train"])
@@ -98,8 +118,11 @@ def test_itm_negatives_ramp_from_random_to_hard(tmp_path, data):
     seen = []
     model, trainer = run(tmp_path, data, batch_size=4, accumulation=1, steps=4, itm_hard_negative_warmup_ratio=0.5)
     assert [entry["itm_negative_hardness"] for entry in trainer.state.log_history if "loss" in entry] == [
-        0.0, 0.5, 1.0, 1.0
-    ]  # fmt: skip
+        0.0,
+        0.5,
+        1.0,
+        1.0,
+    ]
     original = model.forward
     model.forward = lambda *args, **kwargs: (
         seen.append(kwargs.get("itm_negative_hardness")) or original(*args, **kwargs)
@@ -153,15 +176,34 @@ def test_short_run_learns_retrieval_and_captions():
     collator = ImageTextCollator(image_processor, tokenizer, max_length=16)
     batch = collator([splits["train"][i] for i in range(32)])
     config = QFormerPretrainingConfig(
-        vision_config={"model_type": "vit", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "intermediate_size": 128, "image_size": 32, "patch_size": 8},
-        qformer_config={"model_type": "vlbridge_qformer", "hidden_size": 64, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "intermediate_size": 128, "num_query_tokens": 4,
-                        "vocab_size": len(tokenizer), "max_position_embeddings": 32, "initializer_range": 0.3,
-                        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-        embed_dim=32, freeze_vision_tower=False, decoder_start_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        vision_config={
+            "model_type": "vit",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        qformer_config={
+            "model_type": "vlbridge_qformer",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "num_query_tokens": 4,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 32,
+            "initializer_range": 0.3,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        },
+        embed_dim=32,
+        freeze_vision_tower=False,
+        decoder_start_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = QFormerForImageTextPretraining(config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     model.train()

@@ -33,9 +33,17 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def dpo_config(tmp_path, **kwargs):
     # bf16 and gradient checkpointing (TRL's defaults) also work on CPU; off here because they only slow a tiny model.
     defaults = dict(
-        per_device_train_batch_size=4, max_length=None, use_cpu=True, report_to="none", bf16=False,
-        gradient_checkpointing=False, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-    )  # fmt: skip
+        per_device_train_batch_size=4,
+        max_length=None,
+        use_cpu=True,
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
     return trl.DPOConfig(str(tmp_path), **{**defaults, **kwargs})
 
 
@@ -51,9 +59,12 @@ def test_dpo_trains_adapters_only(tmp_path, preference_data, train_bridge):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     config = language_model_lora_config(model, r=4, alpha=8, train_bridge=train_bridge)
     trainer = trl.DPOTrainer(
-        model=model, args=dpo_config(tmp_path, max_steps=3, learning_rate=1e-2),
-        train_dataset=preference_data["train"], processing_class=make_processor(), peft_config=config,
-    )  # fmt: skip
+        model=model,
+        args=dpo_config(tmp_path, max_steps=3, learning_rate=1e-2),
+        train_dataset=preference_data["train"],
+        processing_class=make_processor(),
+        peft_config=config,
+    )
     assert isinstance(trainer.model, peft.PeftModel) and trainer.ref_model is None
     trainer.train()
     # LM, vision tower and original bridge bit-unchanged; LoRA B changed; bridge copies exist and changed iff asked.
@@ -65,10 +76,12 @@ def test_reference_is_the_adapter_disabled_model_and_adapters_reload(tmp_path, p
     model = make_model("llama")
     original = copy.deepcopy(model).eval()
     trainer = trl.DPOTrainer(
-        model=model, args=dpo_config(tmp_path, max_steps=3, learning_rate=1e-2),
-        train_dataset=preference_data["train"], processing_class=processor,
+        model=model,
+        args=dpo_config(tmp_path, max_steps=3, learning_rate=1e-2),
+        train_dataset=preference_data["train"],
+        processing_class=processor,
         peft_config=language_model_lora_config(model, r=4, alpha=8),
-    )  # fmt: skip
+    )
     trainer.train()
     policy = trainer.model
     held_out = preference_data["test"]
@@ -103,22 +116,38 @@ def test_dpo_teaches_a_rarely_refusing_model_to_refuse_absent_objects(tmp_path):
     model.freeze("finetune")
     chat = make_synthetic_safety_chat({"train": 64}, image_size=32, max_objects=2, turns=1, refusal_rate=0.1)
     sft_args = trl.SFTConfig(
-        str(tmp_path / "sft"), per_device_train_batch_size=16, assistant_only_loss=True, max_length=None,
-        use_cpu=True, report_to="none", bf16=False, gradient_checkpointing=False, save_strategy="no", seed=0,
-        max_steps=60, learning_rate=3e-3, lr_scheduler_type="constant", disable_tqdm=True,
-    )  # fmt: skip
+        str(tmp_path / "sft"),
+        per_device_train_batch_size=16,
+        assistant_only_loss=True,
+        max_length=None,
+        use_cpu=True,
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        seed=0,
+        max_steps=60,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
     sft_data = chat["train"].select_columns(["messages", "images"])
     trl.SFTTrainer(model=model, args=sft_args, train_dataset=sft_data, processing_class=processor).train()
 
-    pairs = make_synthetic_preference({"train": 64, "test": 32}, image_size=32, max_objects=2, pair_types=["absent"],
-                                      pairs_per_image=1)  # fmt: skip
+    pairs = make_synthetic_preference(
+        {"train": 64, "test": 32}, image_size=32, max_objects=2, pair_types=["absent"], pairs_per_image=1
+    )
     before = preference_accuracy(model, processor, pairs["test"])
-    args = dpo_config(tmp_path / "dpo", per_device_train_batch_size=8, max_steps=40, learning_rate=5e-3,
-                      lr_scheduler_type="constant")  # fmt: skip
+    args = dpo_config(
+        tmp_path / "dpo", per_device_train_batch_size=8, max_steps=40, learning_rate=5e-3, lr_scheduler_type="constant"
+    )
     trainer = trl.DPOTrainer(
-        model=model, args=args, train_dataset=pairs["train"], processing_class=processor,
+        model=model,
+        args=args,
+        train_dataset=pairs["train"],
+        processing_class=processor,
         peft_config=language_model_lora_config(model, r=8, alpha=16),
-    )  # fmt: skip
+    )
     trainer.train()
     after = preference_accuracy(trainer.model, processor, pairs["test"])
     assert before["accuracy"] < 0.5 and after["accuracy"] >= 0.9, (before, after)
@@ -143,8 +172,11 @@ class Sayer(torch.nn.Module):
 def test_answer_accuracy_scores_what_the_model_says(preference_data):
     processor, pairs = make_processor(), preference_data["test"]
     # Says the chosen answer on caption pairs and the rejected one elsewhere: accuracy counts the captions only.
-    said = [row[key][0]["content"][0]["text"] for row in pairs
-            for key in (["chosen"] if row["pair_type"] == "caption" else ["rejected"])]  # fmt: skip
+    said = [
+        row[key][0]["content"][0]["text"]
+        for row in pairs
+        for key in (["chosen"] if row["pair_type"] == "caption" else ["rejected"])
+    ]
     result = preference_answer_accuracy(Sayer(processor.tokenizer, said), processor, pairs, group_by="pair_type")
     captions = sum(kind == "caption" for kind in pairs["pair_type"])
     assert 0 < captions < len(pairs) and result["num_pairs"] == len(pairs)

@@ -21,10 +21,19 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def make_trainer(tmp_path, processor, model, rows, **kwargs):
     dataset = Dataset.from_list([{"messages": row["messages"], "images": row["images"]} for row in rows])
     args = trl.SFTConfig(
-        str(tmp_path), per_device_train_batch_size=4, assistant_only_loss=True, max_length=None, use_cpu=True,
-        report_to="none", bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no", seed=0,
+        str(tmp_path),
+        per_device_train_batch_size=4,
+        assistant_only_loss=True,
+        max_length=None,
+        use_cpu=True,
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
         **kwargs,
-    )  # fmt: skip
+    )
     return trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor), dataset
 
 

@@ -307,9 +307,12 @@ def test_processor_chat_template_gives_the_qformer_the_instruction_not_the_answe
     processor = make_processor(qformer=True)
     rows = chat_rows(4, turns=(2, 3))
     out = processor.apply_chat_template(
-        [row["messages"] for row in rows], tokenize=True, return_dict=True, return_tensors="pt",
+        [row["messages"] for row in rows],
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
         processor_kwargs={"images": [row["images"] for row in rows], "padding": True},
-    )  # fmt: skip
+    )
     expected = processor.qformer_tokenizer([text_of(row["messages"][0]) for row in rows], padding=True)
     assert out["qformer_input_ids"].tolist() == expected["input_ids"]  # the first question alone, per image
     assert torch.equal(ChatCollator(processor)(rows)["qformer_input_ids"], out["qformer_input_ids"])

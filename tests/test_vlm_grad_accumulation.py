@@ -40,11 +40,21 @@ def _one_step(
         "train"
     ]
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"bs{batch_size}"), per_device_train_batch_size=batch_size, max_steps=1,
-        gradient_accumulation_steps=accumulation, learning_rate=0.0, logging_steps=1, report_to="none",
-        use_cpu=True, remove_unused_columns=False, save_strategy="no", disable_tqdm=True, seed=0,
-        dataloader_drop_last=True, max_grad_norm=1e9,
-    )  # fmt: skip
+        output_dir=str(tmp_path / f"bs{batch_size}"),
+        per_device_train_batch_size=batch_size,
+        max_steps=1,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=0.0,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_drop_last=True,
+        max_grad_norm=1e9,
+    )
     caption_collator = CaptionCollator.from_model(model, processor)
 
     def collator(rows):

@@ -123,9 +123,13 @@ def vlm_config(vision: str = "clip", bridge: str = "qformer", text: str = "opt",
 def stage1_config(**kwargs) -> QFormerPretrainingConfig:
     """A tiny stage-1 config on the tiny tokenizer's ids ([DEC] is the last id of the vocabulary)."""
     defaults = dict(
-        vision_config=vision_config(), qformer_config=bridge_config("qformer"), embed_dim=16,
-        decoder_start_token_id=VOCAB_SIZE - 1, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
-    )  # fmt: skip
+        vision_config=vision_config(),
+        qformer_config=bridge_config("qformer"),
+        embed_dim=16,
+        decoder_start_token_id=VOCAB_SIZE - 1,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+    )
     return QFormerPretrainingConfig(**{**defaults, **kwargs})
 
 

@@ -35,16 +35,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 # command -> (recipe module, default preset, one-line help, example)
 RECIPE_COMMANDS = {
     "pretrain": (
-        "stage1", "pretrain_qformer_builtin",
+        "stage1",
+        "pretrain_qformer_builtin",
         "BLIP-2 stage 1: pretrain a Q-Former with ITC + ITM + ITG, report held-out retrieval recall, save.",
         "vlbridge pretrain --output_dir outputs/stage1 --max_steps 2000",
     ),
     "dpo": (
-        "dpo", "dpo_builtin",
+        "dpo",
+        "dpo_builtin",
         "DPO with LoRA on built-in preference pairs (TRL), preference accuracy before / after, save adapter + merged.",
         "vlbridge dpo --model_name_or_path outputs/demo/sft --output_dir outputs/dpo --max_steps 100",
     ),
-}  # fmt: skip
+}
 # `vlbridge train --stage NAME` -> (recipe module, default preset, what it does)
 TRAIN_STAGES = {
     "stage2": ("stage2", "pretrain_generative_builtin", "BLIP-2 stage 2: the bridge learns captions, frozen LM"),
@@ -131,39 +133,48 @@ def run_recipe(module: str, preset: str, argv: list[str], prog: str, description
 
 def _add_demo(commands) -> None:
     demo = commands.add_parser(
-        "demo", formatter_class=_HelpFormatter, description=DEMO_DESCRIPTION,
+        "demo",
+        formatter_class=_HelpFormatter,
+        description=DEMO_DESCRIPTION,
         help="Run BLIP-2's whole recipe on built-in data (stage 1, stage 2, SFT, DPO + LoRA) and write a report.",
-    )  # fmt: skip
+    )
     demo.add_argument("--output_dir", default="outputs/demo", help="Where the stages, configs and report go.")
     demo.add_argument("--fast", action="store_true", help="Tiny budgets: a smoke run of under a minute.")
     demo.add_argument("--config", default="demo", help="The demo preset: a YAML path or a shipped preset name.")
     demo.add_argument(
-        "--num_threads", type=int, default=None,
+        "--num_threads",
+        type=int,
+        default=None,
         help="PyTorch intra-op threads; default: $OMP_NUM_THREADS if set, else 1. The demo's models are tiny: more "
         "threads gain little and, on cores shared with other work, make each step up to 10x slower.",
-    )  # fmt: skip
+    )
 
 
 def _add_inference(commands) -> None:
     caption = commands.add_parser(
-        "caption", formatter_class=_HelpFormatter, help="Caption images with a saved VLM (stage 2, SFT or DPO).",
+        "caption",
+        formatter_class=_HelpFormatter,
+        help="Caption images with a saved VLM (stage 2, SFT or DPO).",
         description="Greedy captions of images by a saved vlbridge VLM, in the layout it was trained on: "
         "'<image> prompt' for a\nstage-2 model, a chat turn ('describe the image.') for SFT / DPO models.\n\n"
         "example:\n  vlbridge caption outputs/demo/stage2 scene1.png scene2.png",
-    )  # fmt: skip
+    )
     caption.add_argument("checkpoint", help="A saved VLM folder (for a LoRA run, its merged/ folder).")
     caption.add_argument("images", nargs="+", help="Image files.")
-    caption.add_argument("--prompt", default=None, help="Text after the image (default: none for stage 2, else "
-                         "'describe the image.').")  # fmt: skip
+    caption.add_argument(
+        "--prompt", default=None, help="Text after the image (default: none for stage 2, else 'describe the image.')."
+    )
     caption.add_argument("--max_new_tokens", type=int, default=30, help="Most tokens per caption.")
     caption.add_argument("--config", default=None, help=CONFIG_HELP)
 
     retrieve = commands.add_parser(
-        "retrieve", formatter_class=_HelpFormatter, help="Rank images against texts with a stage-1 checkpoint.",
+        "retrieve",
+        formatter_class=_HelpFormatter,
+        help="Rank images against texts with a stage-1 checkpoint.",
         description="Scores every image against every text with a stage-1 Q-Former model (ITC, then ITM "
         "re-ranking) and prints\nthe best matches both ways.\n\nexample:\n  vlbridge retrieve outputs/demo/stage1 "
         "--images a.png b.png --texts 'a large red circle' 'two small blue stars'",
-    )  # fmt: skip
+    )
     retrieve.add_argument("checkpoint", help="A stage-1 checkpoint folder (vlbridge pretrain).")
     retrieve.add_argument("--images", nargs="+", required=True, help="Image files.")
     retrieve.add_argument("--texts", nargs="+", required=True, help="Texts.")
@@ -171,37 +182,42 @@ def _add_inference(commands) -> None:
     retrieve.add_argument("--config", default=None, help=CONFIG_HELP)
 
     evaluate = commands.add_parser(
-        "eval", formatter_class=_HelpFormatter, help="Score a checkpoint on the built-in held-out test split.",
+        "eval",
+        formatter_class=_HelpFormatter,
+        help="Score a checkpoint on the built-in held-out test split.",
         description="Held-out scores on the built-in test split, as fit the checkpoint: R@1 / R@5 both ways, ITM "
         "accuracy and\nexact captions for a stage-1 model; CIDEr and BLEU-4 for a stage-2 model; VQA accuracy and "
         "CIDEr for an SFT\nor DPO model. Images are drawn at the model's own input size.\n\n"
         "example:\n  vlbridge eval outputs/demo/sft --num_images 100",
-    )  # fmt: skip
+    )
     evaluate.add_argument("checkpoint", help="A saved vlbridge VLM or stage-1 folder.")
     evaluate.add_argument("--num_images", type=int, default=50, help="Held-out images.")
     evaluate.add_argument("--data_seed_value", type=int, default=0, help="Seed of the built-in data (as in training).")
     evaluate.add_argument("--max_objects", type=int, default=2, help="Most objects per scene (as in training).")
     evaluate.add_argument("--captions_per_image", type=int, default=5, help="Reference captions per image.")
     evaluate.add_argument(
-        "--dataset", default=None,
+        "--dataset",
+        default=None,
         help="Score on your own captions instead of the built-in test split: a folder of images with a metadata.jsonl "
         '({"file_name": "1.png", "text": "a red circle"} per line), a .jsonl of {"image": ..., "caption": ...} lines, '
         "or .tar shards. Captioning (CIDEr, BLEU-4) for a VLM, retrieval for a stage-1 model; the first "
         "--num_images images.",
-    )  # fmt: skip
+    )
     evaluate.add_argument(
         "--allow_outside_paths", action="store_true", help="Accept --dataset image paths that leave its folder."
     )
     evaluate.add_argument("--config", default=None, help=CONFIG_HELP)
 
     convert = commands.add_parser(
-        "convert", formatter_class=_HelpFormatter, help="Convert a transformers BLIP-2 / InstructBLIP checkpoint.",
+        "convert",
+        formatter_class=_HelpFormatter,
+        help="Convert a transformers BLIP-2 / InstructBLIP checkpoint.",
         description="Converts a transformers BLIP-2 / InstructBLIP checkpoint (a folder or a Hub id holding a "
         "Blip2ForConditionalGeneration\nor an InstructBlipForConditionalGeneration) into a vlbridge VLM with a "
         "Q-Former bridge, and its processor.\nLogits and greedy generations match transformers' for the same "
         "inputs.\n\n"
         "example:\n  vlbridge convert Salesforce/blip2-opt-2.7b outputs/blip2-opt-2.7b-vlbridge --dtype bfloat16",
-    )  # fmt: skip
+    )
     convert.add_argument("source", help="The transformers checkpoint (folder or Hub id).")
     convert.add_argument("destination", help="Where the converted model and processor are saved.")
     convert.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="Load dtype.")
@@ -246,11 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     ```
     """
     parser = argparse.ArgumentParser(
-        prog="vlbridge", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="vlbridge",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Vision-language models whose vision encoder and language model are linked by a learned bridge "
         "(Q-Former,\nPerceiver Resampler, MLP): BLIP-2's recipe from pretraining to DPO, on the HF stack.",
         epilog="Run `vlbridge <command> --help` for a command's arguments and an example.",
-    )  # fmt: skip
+    )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"vlbridge {__version__}")
@@ -260,12 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, recipe in RECIPE_COMMANDS.items():
         commands.add_parser(name, help=recipe[2], add_help=False, allow_abbrev=False)
     train = commands.add_parser(
-        "train", add_help=False, allow_abbrev=False, formatter_class=_HelpFormatter,
+        "train",
+        add_help=False,
+        allow_abbrev=False,
+        formatter_class=_HelpFormatter,
         help="Train a VLM: stage 2 (captions, frozen LM), SFT (Trainer or TRL) or LoRA SFT, with a preset.",
         description="Train a VLM with one of the recipes (--stage), on built-in data:\n"
         + "\n".join(f"  {name:9s} {text} (preset {preset!r})" for name, (_, preset, text) in TRAIN_STAGES.items())
-        + "\n\n`vlbridge train --stage NAME --help` lists that recipe's arguments.\n\nexamples:\n  " + TRAIN_EXAMPLE,
-    )  # fmt: skip
+        + "\n\n`vlbridge train --stage NAME --help` lists that recipe's arguments.\n\nexamples:\n  "
+        + TRAIN_EXAMPLE,
+    )
     train.add_argument("--stage", choices=list(TRAIN_STAGES), help="Which recipe.")
     _add_inference(commands)
     return parser
@@ -321,8 +342,10 @@ def _retrieve(args) -> int:
         print(f"{heading} (score: ITM match logit + ITC cosine)")
         for query, row in zip(queries, scores):
             top = row.topk(min(args.top_k, len(candidates)))
-            ranked = "  ".join(f"{rank}. {candidates[i]!r} ({s:.3f})" for rank, (s, i) in
-                               enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1))  # fmt: skip
+            ranked = "  ".join(
+                f"{rank}. {candidates[i]!r} ({s:.3f})"
+                for rank, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1)
+            )
             print(f"  {query!r}: {ranked}")
     return 0
 
@@ -344,9 +367,13 @@ def _evaluate(args) -> int:
     check_model_folder(args.checkpoint)
     checkpoint = load_checkpoint(args.checkpoint)
     metrics = evaluate_checkpoint(
-        checkpoint, num_images=args.num_images, seed=args.data_seed_value, max_objects=args.max_objects,
-        captions_per_image=args.captions_per_image, images=images,
-    )  # fmt: skip
+        checkpoint,
+        num_images=args.num_images,
+        seed=args.data_seed_value,
+        max_objects=args.max_objects,
+        captions_per_image=args.captions_per_image,
+        images=images,
+    )
     print(format_metric_table({checkpoint.stage or checkpoint.kind: metrics}))
     return 0
 
@@ -360,8 +387,10 @@ def _convert(args) -> int:
     model, processor = convert_blip2_checkpoint(args.source, args.destination, dtype=dtype)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     saved = "with its processor" if processor is not None else "without a processor (none found in the source)"
-    print(f"converted {args.source} -> {args.destination}: {parameters:,} parameters, "
-          f"{model.config.num_image_tokens} image tokens, {saved}")  # fmt: skip
+    print(
+        f"converted {args.source} -> {args.destination}: {parameters:,} parameters, "
+        f"{model.config.num_image_tokens} image tokens, {saved}"
+    )
     return 0
 
 

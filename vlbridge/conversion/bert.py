@@ -259,9 +259,12 @@ def pretraining_model_from_bert(
     vision_config = vision_config.to_dict() if hasattr(vision_config, "to_dict") else dict(vision_config)
     bert_config, bert_state, head = _load_bert(bert)
     qformer_config = qformer_config_from_bert(
-        bert_config, num_query_tokens, vision_config["hidden_size"], cross_attention_frequency,
+        bert_config,
+        num_query_tokens,
+        vision_config["hidden_size"],
+        cross_attention_frequency,
         **(qformer_overrides or {}),
-    )  # fmt: skip
+    )
     config = QFormerPretrainingConfig(
         vision_config=vision_config, qformer_config=qformer_config.to_dict(), **config_kwargs
     )

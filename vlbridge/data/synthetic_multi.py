@@ -240,9 +240,13 @@ def make_synthetic_multi_image(
     datasets = require_datasets()
     chat = chat_features()
     features = datasets.Features(
-        {"images": chat["images"], "messages": chat["messages"], "question_type": datasets.Value("string"),
-         "objects": datasets.List(synthetic_features()["objects"])}
-    )  # fmt: skip
+        {
+            "images": chat["images"],
+            "messages": chat["messages"],
+            "question_type": datasets.Value("string"),
+            "objects": datasets.List(synthetic_features()["objects"]),
+        }
+    )
 
     def write_row(rng, seen, columns):
         for _ in range(_MAX_TRIES):

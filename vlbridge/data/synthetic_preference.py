@@ -266,21 +266,36 @@ def write_preference_pair(
         for edit in rng.sample(CAPTION_EDITS, len(CAPTION_EDITS)):
             rejected = hallucinated_caption(scene, rng, edit)
             if rejected is not None:
-                return {"question": CAPTION_PROMPT, "chosen": describe_full(scene), "rejected": rejected,
-                        "pair_type": pair_type, "edit": edit}  # fmt: skip
+                return {
+                    "question": CAPTION_PROMPT,
+                    "chosen": describe_full(scene),
+                    "rejected": rejected,
+                    "pair_type": pair_type,
+                    "edit": edit,
+                }
         return None
     if pair_type == "question":
         question_type = rng.choice(list(QUESTION_TYPES if question_types is None else question_types))
         question, answer = QUESTION_WRITERS[question_type](scene, rng)
-        return {"question": question, "chosen": answer, "rejected": wrong_answer(question_type, answer, rng),
-                "pair_type": pair_type, "edit": question_type}  # fmt: skip
+        return {
+            "question": question,
+            "chosen": answer,
+            "rejected": wrong_answer(question_type, answer, rng),
+            "pair_type": pair_type,
+            "edit": question_type,
+        }
     if pair_type == "absent":
         absent = ask_absent(scene, rng)
         if absent is None:
             return None
         question, refusal, hallucination = absent
-        return {"question": question, "chosen": refusal, "rejected": hallucination, "pair_type": pair_type,
-                "edit": "absent"}  # fmt: skip
+        return {
+            "question": question,
+            "chosen": refusal,
+            "rejected": hallucination,
+            "pair_type": pair_type,
+            "edit": "absent",
+        }
     if pair_type == "present":
         question, answer, denial = ask_present(scene, rng)
         return {"question": question, "chosen": answer, "rejected": denial, "pair_type": pair_type, "edit": "denial"}

@@ -306,8 +306,10 @@ def _parameter_rows(folder: Path) -> str:
 
 def _usage(model_id: str, config: dict | None, classes: dict[str, type], adapter: dict | None) -> str:
     architectures = (config or {}).get("architectures") or []
-    auto = next((name for name in MODEL_AUTO_CLASSES if name in classes and classes[name].__name__ in architectures),
-                "AutoModel")  # fmt: skip
+    auto = next(
+        (name for name in MODEL_AUTO_CLASSES if name in classes and classes[name].__name__ in architectures),
+        "AutoModel",
+    )
     if config is None and adapter is not None:
         base = adapter.get("base_model_name_or_path") or "<base model>"
         return (
@@ -501,9 +503,15 @@ def describe_checkpoint(
         processor.save_pretrained(output_dir)
     add_auto_map(output_dir)
     return write_model_card(
-        output_dir, stage=stage, data=data, metrics=metrics, base_models=base_models, datasets=datasets, tags=tags,
+        output_dir,
+        stage=stage,
+        data=data,
+        metrics=metrics,
+        base_models=base_models,
+        datasets=datasets,
+        tags=tags,
         extra=extra,
-    )  # fmt: skip
+    )
 
 
 def make_self_describing(output_dir: str | Path) -> dict[str, str]:

@@ -30,8 +30,12 @@ logger = logging.get_logger(__name__)
 
 # Keyword arguments that carry images; they are consumed when the prompt is encoded and never re-sent while decoding.
 IMAGE_INPUT_KEYS = (
-    "pixel_values", "image_sizes", "image_attention_mask", "qformer_input_ids", "qformer_attention_mask"
-)  # fmt: skip
+    "pixel_values",
+    "image_sizes",
+    "image_attention_mask",
+    "qformer_input_ids",
+    "qformer_attention_mask",
+)
 
 
 @dataclass
@@ -215,9 +219,12 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
             tensors of different shapes; a list of one shape is stacked), see [`check_pixel_values`].
         """
         return self._image_features(
-            check_pixel_values(pixel_values, check_finite=False), image_attention_mask, qformer_input_ids,
-            qformer_attention_mask, image_sizes,
-        )  # fmt: skip
+            check_pixel_values(pixel_values, check_finite=False),
+            image_attention_mask,
+            qformer_input_ids,
+            qformer_attention_mask,
+            image_sizes,
+        )
 
     def _image_features(
         self, pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes
@@ -421,9 +428,14 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         if encoder_outputs is None or not self.config.is_encoder_decoder:
             if input_ids is not None or inputs_embeds is not None:
                 inputs_embeds, image_features = self.merge_image_tokens(
-                    input_ids, inputs_embeds, pixel_values, image_attention_mask,
-                    qformer_input_ids, qformer_attention_mask, image_sizes,
-                )  # fmt: skip
+                    input_ids,
+                    inputs_embeds,
+                    pixel_values,
+                    image_attention_mask,
+                    qformer_input_ids,
+                    qformer_attention_mask,
+                    image_sizes,
+                )
         lm_kwargs = dict(
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,

@@ -169,8 +169,15 @@ class QFormerForImageTextPretraining(SelfDescribingMixin, PreTrainedModel):
     _tied_weights_keys = {"lm_head.decoder.weight": "qformer.embeddings.word_embeddings.weight"}
     # Everything that trains stays fp32 when the model is loaded in bf16 / fp16; only the vision tower follows `dtype`.
     _keep_in_fp32_modules_strict = [
-        "qformer", "vision_proj", "text_proj", "itm_head", "lm_head", "temp", "image_queue", "text_queue",
-    ]  # fmt: skip
+        "qformer",
+        "vision_proj",
+        "text_proj",
+        "itm_head",
+        "lm_head",
+        "temp",
+        "image_queue",
+        "text_queue",
+    ]
     # The Trainer must not assume the loss is already normalised for gradient accumulation (hf_stack_internals §6).
     accepts_loss_kwargs = False
 
@@ -403,9 +410,14 @@ class QFormerForImageTextPretraining(SelfDescribingMixin, PreTrainedModel):
         attention_mask = attention_mask.long()
         if accumulation_window is not None and return_loss:
             return windowed_forward(
-                self, accumulation_window, pixel_values, input_ids, attention_mask, QFormerPretrainingOutput,
+                self,
+                accumulation_window,
+                pixel_values,
+                input_ids,
+                attention_mask,
+                QFormerPretrainingOutput,
                 itm_negative_hardness,
-            )  # fmt: skip
+            )
         image_embeds = self.get_vision_features(pixel_values)  # (B, P, Dv)
         image_feats, text_feat = self._unimodal_features(image_embeds, input_ids, attention_mask)
         if not return_loss:
@@ -437,9 +449,15 @@ class QFormerForImageTextPretraining(SelfDescribingMixin, PreTrainedModel):
         weighted = [self.config.itc_weight * loss_itc]
         if self.config.itm_weight:
             output.loss_itm, output.itm_logits, output.itm_labels = self._itm(
-                image_embeds, input_ids, attention_mask, sim_i2t[:, :global_batch], sim_t2i[:, :global_batch],
-                positives[:, :global_batch], sampling_seed, itm_negative_hardness,
-            )  # fmt: skip
+                image_embeds,
+                input_ids,
+                attention_mask,
+                sim_i2t[:, :global_batch],
+                sim_t2i[:, :global_batch],
+                positives[:, :global_batch],
+                sampling_seed,
+                itm_negative_hardness,
+            )
             output.itm_accuracy = (output.itm_logits.detach().argmax(-1) == output.itm_labels).float().mean()
             weighted.append(self.config.itm_weight * output.loss_itm)
         if self.config.itg_weight:
@@ -484,9 +502,13 @@ class QFormerForImageTextPretraining(SelfDescribingMixin, PreTrainedModel):
         negative_images = losses.sample_hard_negatives(sim_t2i_all, positives_all, generator, hardness)[local]
         negative_texts = losses.sample_hard_negatives(sim_i2t_all, positives_all, generator, hardness)[local]
         return self._itm_on_pairs(
-            image_embeds, image_embeds_all[negative_images], input_ids_all[local], attention_mask_all[local],
-            input_ids_all[negative_texts], attention_mask_all[negative_texts],
-        )  # fmt: skip
+            image_embeds,
+            image_embeds_all[negative_images],
+            input_ids_all[local],
+            attention_mask_all[local],
+            input_ids_all[negative_texts],
+            attention_mask_all[negative_texts],
+        )
 
     def _itm_on_pairs(self, image_embeds, negative_images, text_ids, text_mask, negative_text_ids, negative_text_mask):
         """ITM over LAVIS' 3B pairs: (image, its text) match; (hard negative image, text) and (image, hard negative
@@ -698,9 +720,14 @@ def load_qformer_into_vlm(vlm, qformer, include_vision_tower: bool = False):
 
 def _check_same_shape(source: QFormerConfig, target: QFormerConfig):
     fields = (
-        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "cross_attention_frequency",
-        "encoder_hidden_size", "num_query_tokens",
-    )  # fmt: skip
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "cross_attention_frequency",
+        "encoder_hidden_size",
+        "num_query_tokens",
+    )
     if target.use_text_input:
         if not source.use_text_input:
             raise ValueError("The VLM's bridge has a text branch (use_text_input=True) but the Q-Former has none.")

@@ -125,9 +125,13 @@ def windowed_forward(
         negative_texts = losses.sample_hard_negatives(sim_i2t.detach(), positives, generator, hardness)[local]
         ids, mask = window.input_ids, window.attention_mask
         output.loss_itm, output.itm_logits, output.itm_labels = model._itm_on_pairs(
-            image_embeds, window.image_embeds[negative_images], ids[local], mask[local],
-            ids[negative_texts], mask[negative_texts],
-        )  # fmt: skip
+            image_embeds,
+            window.image_embeds[negative_images],
+            ids[local],
+            mask[local],
+            ids[negative_texts],
+            mask[negative_texts],
+        )
         weighted.append(config.itm_weight * output.loss_itm * batch_size / window.size)
     if config.itg_weight:
         output.loss_itg, output.itg_logits = model._itg(image_embeds, input_ids, attention_mask)

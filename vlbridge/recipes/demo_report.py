@@ -35,9 +35,12 @@ def held_out_examples(
         rng (`random.Random`): Which questions.
     """
     images = held_out_images(
-        num_examples, settings["image_size"], seed=settings.get("data_seed_value", 0),
-        max_objects=settings["max_objects"], captions_per_image=settings.get("captions_per_image", 3),
-    )  # fmt: skip
+        num_examples,
+        settings["image_size"],
+        seed=settings.get("data_seed_value", 0),
+        max_objects=settings["max_objects"],
+        captions_per_image=settings.get("captions_per_image", 3),
+    )
     pictures = [to_rgb_image(row["image"]) for row in images]
     captioner = load_checkpoint(stage2.output_dir)
     captions = caption_images(captioner, pictures, prompt=settings.get("prompt") or "", max_new_tokens=20)
@@ -64,13 +67,17 @@ def retrieval_example(stage1: RecipeResult, settings: dict, top_k: int) -> Retri
     (the one held-out R@1 is measured with) as the query, and the `top_k` images by ITM-re-ranked score.
     """
     images = held_out_images(
-        settings["num_eval_images"], settings["image_size"], seed=settings.get("data_seed_value", 0),
-        max_objects=settings["max_objects"], captions_per_image=settings.get("captions_per_image", 3),
-    )  # fmt: skip
+        settings["num_eval_images"],
+        settings["image_size"],
+        seed=settings.get("data_seed_value", 0),
+        max_objects=settings["max_objects"],
+        captions_per_image=settings.get("captions_per_image", 3),
+    )
     pictures = [to_rgb_image(row["image"]) for row in images]
     query = retrieval_caption(images[0])
-    _, scores_t2i = rank_matches(load_checkpoint(stage1.output_dir), pictures, [query],
-                                 k_test=min(settings.get("k_test", 16), len(pictures)))  # fmt: skip
+    _, scores_t2i = rank_matches(
+        load_checkpoint(stage1.output_dir), pictures, [query], k_test=min(settings.get("k_test", 16), len(pictures))
+    )
     top = scores_t2i[0].topk(min(top_k, len(pictures)))
     ranked = top.indices.tolist()
     return RetrievalExample(
@@ -104,15 +111,23 @@ def write_report(
         `Path`: The report page.
     """
     examples = held_out_examples(
-        results["stage2"], results["sft"], stages["stage2"], settings["num_examples"],
-        settings["questions_per_image"], rng,
-    )  # fmt: skip
+        results["stage2"],
+        results["sft"],
+        stages["stage2"],
+        settings["num_examples"],
+        settings["questions_per_image"],
+        rng,
+    )
     retrieval = retrieval_example(results["stage1"], stages["stage1"], settings["retrieval_top_k"])
     losses = {stage: result.log_history for stage, result in results.items()}
     return render_report(
-        output_dir / "report", title="vlbridge demo", losses=losses, examples=examples, retrieval=retrieval,
+        output_dir / "report",
+        title="vlbridge demo",
+        losses=losses,
+        examples=examples,
+        retrieval=retrieval,
         metrics=table,
-    )  # fmt: skip
+    )
 
 
 __all__ = ["held_out_examples", "retrieval_example", "write_report"]

@@ -68,15 +68,19 @@ def held_out_pairs(data_args: PreferenceDataArguments):
     options = {"image_size": data_args.image_size, "seed": data_args.data_seed_value}
     options["max_objects"] = data_args.max_objects
     splits = {"train": data_args.num_train_images, "test": data_args.num_eval_images}
-    data = make_synthetic_preference(splits, pairs_per_image=data_args.pairs_per_image,
-                                     pair_types=data_args.pair_types.split(","), **options)  # fmt: skip
+    data = make_synthetic_preference(
+        splits, pairs_per_image=data_args.pairs_per_image, pair_types=data_args.pair_types.split(","), **options
+    )
     held_out = data["test"]
     if data_args.sft_num_train_images:
         # The SFT chats (`builtin_chat_dataset`) were drawn without this held-out split: drop the scenes they share.
         sft = make_synthetic_image_text({"train": data_args.sft_num_train_images}, **options)  # same draws as SFT
         seen = {describe_positions(Scene.from_objects(objects)) for objects in sft["train"]["objects"]}
-        keep = [i for i, objects in enumerate(held_out["objects"]) if describe_positions(Scene.from_objects(objects))
-                not in seen]  # fmt: skip
+        keep = [
+            i
+            for i, objects in enumerate(held_out["objects"])
+            if describe_positions(Scene.from_objects(objects)) not in seen
+        ]
         held_out = held_out.select(keep)
     return data["train"].select_columns(["images", "prompt", "chosen", "rejected"]), held_out
 
@@ -157,8 +161,9 @@ def run(argv: list[str] | None = None, parser: HfArgumentParser | None = None) -
     ################
     peft_config = lora_args.lora_config(model)  # LoRA on the language model only (language_model_lora_config)
     # No ref_model: with a PEFT model, TRL scores the reference with the adapters disabled (the starting model).
-    trainer = DPOTrainer(model=model, args=training_args, train_dataset=train, processing_class=processor,
-                         peft_config=peft_config)  # fmt: skip
+    trainer = DPOTrainer(
+        model=model, args=training_args, train_dataset=train, processing_class=processor, peft_config=peft_config
+    )
     trainer.train()
     after = preference_accuracy(trainer.model, processor, held_out, group_by="pair_type")
     answers_after = preference_answer_accuracy(trainer.model, processor, held_out, group_by="pair_type")

@@ -116,8 +116,15 @@ def _generate(checkpoint: Checkpoint, images: list, texts: list[str], max_new_to
 
     # evaluate_generation's VQA path generates one answer per (image, text); the empty references score nothing.
     data = Dataset.from_dict({"image": images, "question": texts, "answer": [""] * len(texts)})
-    result = evaluate_generation(checkpoint.model, checkpoint.processor, data, task="vqa", progress=False,
-                                 use_chat_template=checkpoint.chat, max_new_tokens=max_new_tokens)  # fmt: skip
+    result = evaluate_generation(
+        checkpoint.model,
+        checkpoint.processor,
+        data,
+        task="vqa",
+        progress=False,
+        use_chat_template=checkpoint.chat,
+        max_new_tokens=max_new_tokens,
+    )
     return [prediction.strip() for prediction in result["predictions"]]
 
 
@@ -206,8 +213,13 @@ def held_out_images(
     num_images: int, image_size: int, seed: int = 0, max_objects: int = 2, captions_per_image: int = 5
 ):
     """The first `num_images` images of the built-in test split, one row each with `image`, `captions`, `objects`."""
-    data = make_synthetic_image_text({"test": num_images}, image_size=image_size, seed=seed,
-                                     captions_per_image=captions_per_image, max_objects=max_objects)  # fmt: skip
+    data = make_synthetic_image_text(
+        {"test": num_images},
+        image_size=image_size,
+        seed=seed,
+        captions_per_image=captions_per_image,
+        max_objects=max_objects,
+    )
     return group_captions(data["test"])
 
 
@@ -256,20 +268,29 @@ def evaluate_checkpoint(
     else:
         images = held_out_images(num_images, captions_per_image=captions_per_image, **options)
     if checkpoint.kind == "stage1":
-        metrics = evaluate_stage1(checkpoint.model, images, stage1_collator(checkpoint), k_test=min(16, len(images)),
-                                  progress=progress)  # fmt: skip
+        metrics = evaluate_stage1(
+            checkpoint.model, images, stage1_collator(checkpoint), k_test=min(16, len(images)), progress=progress
+        )
         metrics.pop("samples")
         return metrics
     if not checkpoint.chat or own_images:
-        scores = evaluate_generation(checkpoint.model, checkpoint.processor, images, task="caption",
-                                     use_chat_template=checkpoint.chat, max_new_tokens=20,
-                                     progress=progress)  # fmt: skip
+        scores = evaluate_generation(
+            checkpoint.model,
+            checkpoint.processor,
+            images,
+            task="caption",
+            use_chat_template=checkpoint.chat,
+            max_new_tokens=20,
+            progress=progress,
+        )
         return {"cider": scores["cider"], "bleu4": scores["bleu4"]}
     questions = make_synthetic_vqa({"test": num_images}, **options)["test"]
-    vqa = evaluate_generation(checkpoint.model, checkpoint.processor, questions, task="vqa", max_new_tokens=8,
-                              progress=progress)  # fmt: skip
-    captions = evaluate_generation(checkpoint.model, checkpoint.processor, images, task="caption", max_new_tokens=20,
-                                   progress=progress)  # fmt: skip
+    vqa = evaluate_generation(
+        checkpoint.model, checkpoint.processor, questions, task="vqa", max_new_tokens=8, progress=progress
+    )
+    captions = evaluate_generation(
+        checkpoint.model, checkpoint.processor, images, task="caption", max_new_tokens=20, progress=progress
+    )
     return {"vqa_accuracy": vqa["vqa_accuracy"], "cider": captions["cider"], "bleu4": captions["bleu4"]}
 
 

@@ -54,11 +54,17 @@ def safety_data(data_args: ChatDataArguments, safety_args: SafetyDataArguments):
     options = {"image_size": data_args.image_size, "seed": data_args.data_seed_value}
     options["max_objects"] = data_args.max_objects
     splits = {"train": data_args.num_train_images, "test": safety_args.num_preference_images}
-    chats = make_synthetic_safety_chat(splits, turns=data_args.max_turns, refusal_rate=safety_args.refusal_rate,
-                                       caption_rate=safety_args.caption_rate, **options)  # fmt: skip
+    chats = make_synthetic_safety_chat(
+        splits,
+        turns=data_args.max_turns,
+        refusal_rate=safety_args.refusal_rate,
+        caption_rate=safety_args.caption_rate,
+        **options,
+    )
     # `present` pairs (a true answer over a denial) catch a model that has learnt to refuse everything.
-    held_out = make_synthetic_preference(splits, pair_types=["absent", "present", "question"], pairs_per_image=1,
-                                         **options)  # fmt: skip
+    held_out = make_synthetic_preference(
+        splits, pair_types=["absent", "present", "question"], pairs_per_image=1, **options
+    )
     # The same held-out scenes as the chats' "test" split, which no training sees.
     return chats["train"].select_columns(["messages", "images"]), held_out["test"]
 
@@ -99,8 +105,13 @@ def run(argv: list[str] | None = None, parser: HfArgumentParser | None = None) -
     ################
     # Training & save
     ################
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=processor,
-                         peft_config=lora_args.lora_config(model))  # fmt: skip
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        processing_class=processor,
+        peft_config=lora_args.lora_config(model),
+    )
     result = trainer.train()
     after = preference_accuracy(trainer.model, processor, held_out, group_by="pair_type")
     trainer.save_model(os.path.join(training_args.output_dir, "adapter"))

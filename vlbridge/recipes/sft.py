@@ -61,9 +61,11 @@ def evaluate_vqa(model, processor, train, data_args: ChatDataArguments, training
     """Held-out VQA accuracy (overall and per question type) into `metrics`, printed and written into the card."""
     # The test split's scenes come from their own random stream, apart from the training chats'.
     questions = make_synthetic_vqa(
-        {"test": data_args.num_eval_images}, image_size=data_args.image_size, seed=data_args.data_seed_value,
+        {"test": data_args.num_eval_images},
+        image_size=data_args.image_size,
+        seed=data_args.data_seed_value,
         max_objects=data_args.max_objects,
-    )["test"]  # fmt: skip
+    )["test"]
     scores = evaluate_generation(
         model, processor, questions, task="vqa", max_new_tokens=8, progress=not training_args.disable_tqdm
     )
@@ -71,8 +73,7 @@ def evaluate_vqa(model, processor, train, data_args: ChatDataArguments, training
     print(f"held-out VQA ({scores['num_examples']} questions): accuracy {scores['vqa_accuracy']:.3f}")
     for kind, accuracy in sorted(scores.get("vqa_accuracy_per_type", {}).items()):
         print(f"  {kind}: {accuracy:.3f}")
-    write_model_card(training_args.output_dir, stage="sft", metrics=metrics,
-                     data=describe_train_data(train))  # fmt: skip
+    write_model_card(training_args.output_dir, stage="sft", metrics=metrics, data=describe_train_data(train))
 
 
 def run(argv: list[str] | None = None, parser: HfArgumentParser | None = None) -> RecipeResult:

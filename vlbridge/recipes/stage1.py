@@ -130,26 +130,39 @@ def build_model(args: ModelArguments, data: DataArguments, tokenizer) -> QFormer
     """A [`QFormerForImageTextPretraining`] from scratch: a ViT and a Q-Former of the sizes `args` gives."""
     config = QFormerPretrainingConfig(
         vision_config={
-            "model_type": "vit", "hidden_size": args.vision_hidden_size, "num_hidden_layers": args.vision_layers,
-            "num_attention_heads": args.num_attention_heads, "intermediate_size": 4 * args.vision_hidden_size,
-            "image_size": data.image_size, "patch_size": args.patch_size,
-            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "model_type": "vit",
+            "hidden_size": args.vision_hidden_size,
+            "num_hidden_layers": args.vision_layers,
+            "num_attention_heads": args.num_attention_heads,
+            "intermediate_size": 4 * args.vision_hidden_size,
+            "image_size": data.image_size,
+            "patch_size": args.patch_size,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
             "initializer_range": args.vision_initializer_range,
         },
         qformer_config={
-            "model_type": "vlbridge_qformer", "hidden_size": args.qformer_hidden_size,
-            "num_hidden_layers": args.qformer_layers, "num_attention_heads": args.num_attention_heads,
-            "intermediate_size": 4 * args.qformer_hidden_size, "num_query_tokens": args.num_query_tokens,
-            "vocab_size": len(tokenizer), "max_position_embeddings": 64, "initializer_range": args.initializer_range,
-            "hidden_dropout_prob": args.dropout, "attention_probs_dropout_prob": args.dropout,
+            "model_type": "vlbridge_qformer",
+            "hidden_size": args.qformer_hidden_size,
+            "num_hidden_layers": args.qformer_layers,
+            "num_attention_heads": args.num_attention_heads,
+            "intermediate_size": 4 * args.qformer_hidden_size,
+            "num_query_tokens": args.num_query_tokens,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 64,
+            "initializer_range": args.initializer_range,
+            "hidden_dropout_prob": args.dropout,
+            "attention_probs_dropout_prob": args.dropout,
         },
         embed_dim=args.embed_dim,
-        itc_weight=args.itc_weight, itm_weight=args.itm_weight, itg_weight=args.itg_weight,
+        itc_weight=args.itc_weight,
+        itm_weight=args.itm_weight,
+        itg_weight=args.itg_weight,
         freeze_vision_tower=args.freeze_vision_tower,
         decoder_start_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    )
     return QFormerForImageTextPretraining(config)
 
 
@@ -157,9 +170,11 @@ def image_processor_for(data_args: DataArguments) -> CLIPImageProcessor:
     """Square images of `image_size`, normalised with mean `image_mean` (1.0 makes the white background 0)."""
     size = data_args.image_size
     return CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=[data_args.image_mean] * 3, image_std=[0.5, 0.5, 0.5],
-    )  # fmt: skip
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=[data_args.image_mean] * 3,
+        image_std=[0.5, 0.5, 0.5],
+    )
 
 
 def evaluate_and_save(trainer, held_out, collator, data_args: DataArguments, output_dir: str) -> dict:
@@ -176,11 +191,13 @@ def evaluate_and_save(trainer, held_out, collator, data_args: DataArguments, out
     source = "built-in scenes (make_synthetic_image_text)" if data_args.dataset == "builtin" else data_args.dataset
     queries = model.config.qformer_config.num_query_tokens
     describe_checkpoint(
-        output_dir, stage="stage1", metrics=metrics,
+        output_dir,
+        stage="stage1",
+        metrics=metrics,
         data=f"{describe_train_data(trainer.train_dataset)} Source: {source}; metrics on {len(held_out)} held-out "
         "images.",
         processor=BridgeProcessor(image_processor, tokenizer, num_image_tokens=queries),
-    )  # fmt: skip
+    )
     print("| metric | value |\n|---|---|")
     for key, value in metrics.items():
         print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")

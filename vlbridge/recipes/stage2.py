@@ -117,9 +117,12 @@ def load_captions(data_args: CaptionDataArguments) -> dict:
         if data_args.num_eval_images > 0:
             splits["test"] = data_args.num_eval_images
         return make_synthetic_image_text(
-            splits, image_size=data_args.image_size, seed=data_args.data_seed_value,
-            captions_per_image=data_args.captions_per_image, max_objects=data_args.max_objects,
-        )  # fmt: skip
+            splits,
+            image_size=data_args.image_size,
+            seed=data_args.data_seed_value,
+            captions_per_image=data_args.captions_per_image,
+            max_objects=data_args.max_objects,
+        )
     command = "vlbridge train --stage stage2"
     pairs = load_user_dataset(data_args.dataset, "captions", command, data_args.allow_outside_paths)
     if "image_id" not in pairs.column_names:
@@ -128,8 +131,10 @@ def load_captions(data_args: CaptionDataArguments) -> dict:
         return {"train": pairs}
     images = sorted(set(pairs["image_id"]))
     if data_args.num_eval_images >= len(images):
-        raise ValueError(f"--num_eval_images {data_args.num_eval_images} leaves no training image: --dataset has "
-                         f"{len(images)} images.")  # fmt: skip
+        raise ValueError(
+            f"--num_eval_images {data_args.num_eval_images} leaves no training image: --dataset has "
+            f"{len(images)} images."
+        )
     held_out = set(images[-data_args.num_eval_images :])
     return {
         "train": pairs.filter(lambda row: row["image_id"] not in held_out),
@@ -175,11 +180,17 @@ def warm_up_language_model(model, processor, train, stage2_args: Stage2Arguments
     """`--lm_text_steps` steps of the language model alone on the training captions (as caption pairs by default)."""
     # BLIP-2 starts from a pretrained LM; a tiny LM built in code must first learn the captions' language.
     text_args = TrainingArguments(
-        output_dir=f"{training_args.output_dir}/lm-text", max_steps=stage2_args.lm_text_steps,
-        learning_rate=stage2_args.lm_text_learning_rate, per_device_train_batch_size=32, logging_steps=10,
-        save_strategy="no", report_to="none", use_cpu=training_args.use_cpu, seed=training_args.seed,
+        output_dir=f"{training_args.output_dir}/lm-text",
+        max_steps=stage2_args.lm_text_steps,
+        learning_rate=stage2_args.lm_text_learning_rate,
+        per_device_train_batch_size=32,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=training_args.use_cpu,
+        seed=training_args.seed,
         disable_tqdm=training_args.disable_tqdm,
-    )  # fmt: skip
+    )
     texts = train["caption"]
     if stage2_args.lm_text_context:
         texts = caption_context_texts(texts, train["image_id"], processor.tokenizer.eos_token)
@@ -191,17 +202,25 @@ def evaluate_captions(model, processor, data, stage2_args: Stage2Arguments, trai
     """Held-out CIDEr and BLEU-4 into `metrics`, printed with a few samples and written into the model card."""
     # The layout the collator trained on ("<image> prompt caption"), not a chat turn the model never saw.
     scores = evaluate_generation(
-        model, processor, data["test"], task="caption", prompt=stage2_args.prompt,
-        use_chat_template=False, max_new_tokens=stage2_args.eval_max_new_tokens,
+        model,
+        processor,
+        data["test"],
+        task="caption",
+        prompt=stage2_args.prompt,
+        use_chat_template=False,
+        max_new_tokens=stage2_args.eval_max_new_tokens,
         progress=not training_args.disable_tqdm,
-    )  # fmt: skip
+    )
     metrics.update({key: scores[key] for key in ("cider", "bleu4")})
-    print(f"held-out captions ({scores['num_examples']} images): CIDEr {scores['cider']:.3f} BLEU-4 "
-          f"{scores['bleu4']:.3f}")  # fmt: skip
+    print(
+        f"held-out captions ({scores['num_examples']} images): CIDEr {scores['cider']:.3f} BLEU-4 "
+        f"{scores['bleu4']:.3f}"
+    )
     for sample in scores["samples"][:3]:
         print(f"  {sample['prediction']!r} <- {sample['references'][0]!r}")
-    write_model_card(training_args.output_dir, stage="stage2", metrics=metrics,
-                     data=describe_train_data(data["train"]))  # fmt: skip
+    write_model_card(
+        training_args.output_dir, stage="stage2", metrics=metrics, data=describe_train_data(data["train"])
+    )
 
 
 def run(argv: list[str] | None = None, parser: HfArgumentParser | None = None) -> RecipeResult:

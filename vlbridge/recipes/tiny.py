@@ -7,12 +7,25 @@ from ..configuration import BridgeVLMConfig
 
 
 TINY_BRIDGES = {
-    "qformer": {"model_type": "vlbridge_qformer", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "intermediate_size": 128, "num_query_tokens": 8, "use_text_input": False},
-    "perceiver": {"model_type": "vlbridge_perceiver", "hidden_size": 64, "num_latents": 8, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "head_dim": 16},
+    "qformer": {
+        "model_type": "vlbridge_qformer",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "num_query_tokens": 8,
+        "use_text_input": False,
+    },
+    "perceiver": {
+        "model_type": "vlbridge_perceiver",
+        "hidden_size": 64,
+        "num_latents": 8,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "head_dim": 16,
+    },
     "mlp": {"model_type": "vlbridge_mlp", "hidden_size": 64, "drop_cls_token": True},
-}  # fmt: skip
+}
 
 
 def tiny_text_config(tokenizer) -> dict:
@@ -33,10 +46,16 @@ def tiny_text_config(tokenizer) -> dict:
     ```
     """
     return {
-        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-    }  # fmt: skip
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
 
 
 def tiny_vlm(bridge: str, tokenizer):
@@ -63,12 +82,19 @@ def tiny_vlm(bridge: str, tokenizer):
     if bridge not in TINY_BRIDGES:
         raise ValueError(f"Unknown bridge {bridge!r}; choose one of {sorted(TINY_BRIDGES)}.")
     config = BridgeVLMConfig(
-        vision_config={"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
-                       "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         bridge_config=TINY_BRIDGES[bridge],
         text_config=tiny_text_config(tokenizer),
         image_token_id=tokenizer.image_token_id,
-    )  # fmt: skip
+    )
     return BridgeVLMForConditionalGeneration(config)
 
 

@@ -239,9 +239,13 @@ class LoraArguments:
         """[`language_model_lora_config`] for `model` with these arguments."""
         projections = self.lora_target_projections
         return language_model_lora_config(
-            model, r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
-            target_projections=projections.split(",") if projections else None, train_bridge=self.train_bridge,
-        )  # fmt: skip
+            model,
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_projections=projections.split(",") if projections else None,
+            train_bridge=self.train_bridge,
+        )
 
 
 __all__ = [

@@ -22,8 +22,10 @@ def _render(processor, example: dict) -> tuple[str, str, str]:
     prompt = processor.apply_chat_template(
         prompt_messages, add_generation_prompt=last_is_user, continue_final_message=not last_is_user, tokenize=False
     )
-    texts = [processor.apply_chat_template(prompt_messages + list(example[key]), tokenize=False) for key in
-             ("chosen", "rejected")]  # fmt: skip
+    texts = [
+        processor.apply_chat_template(prompt_messages + list(example[key]), tokenize=False)
+        for key in ("chosen", "rejected")
+    ]
     # The prompt is the part every rendering shares (a template may write the generation prompt differently).
     for text in texts:
         prompt = "".join(a for a, _ in takewhile(lambda pair: pair[0] == pair[1], zip(prompt, text)))
@@ -50,8 +52,10 @@ def _batch(processor, examples: list[dict]) -> tuple[dict, torch.Tensor]:
     completions = processor.tokenizer(
         [chosen for _, chosen, _ in rendered] + [rejected for _, _, rejected in rendered], add_special_tokens=False
     )["input_ids"]
-    rows = [ids[mask.bool()].tolist() + completion for ids, mask, completion in
-            zip(prompts["input_ids"], prompts["attention_mask"], completions)]  # fmt: skip
+    rows = [
+        ids[mask.bool()].tolist() + completion
+        for ids, mask, completion in zip(prompts["input_ids"], prompts["attention_mask"], completions)
+    ]
     length = max(len(row) for row in rows)
     pad_id = processor.tokenizer.pad_token_id
     pad_id = processor.tokenizer.eos_token_id if pad_id is None else pad_id
@@ -193,8 +197,9 @@ def _question_rows(rows, group_by: str | None):
         columns["question"].append(texts[0])
         columns["answer"].append(" ".join(e["text"] for e in chosen[0]["content"] if e["type"] == "text"))
         columns["question_type"].append(row[group_by] if group_by else "all")
-    features = datasets.Features({"image": datasets.Image(), **{key: datasets.Value("string") for key in columns
-                                                                  if key != "image"}})  # fmt: skip
+    features = datasets.Features(
+        {"image": datasets.Image(), **{key: datasets.Value("string") for key in columns if key != "image"}}
+    )
     return datasets.Dataset.from_dict(columns, features=features)
 
 
@@ -245,8 +250,15 @@ def preference_answer_accuracy(
     """
     rows = dataset if hasattr(dataset, "column_names") else list(dataset)
     questions = _question_rows(rows, group_by)
-    result = evaluate_generation(model, processor, questions, task="vqa", batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+    result = evaluate_generation(
+        model,
+        processor,
+        questions,
+        task="vqa",
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
     summary = {"accuracy": result["vqa_accuracy"], "num_pairs": questions.num_rows}
     summary["predictions"] = result["predictions"]
     if group_by is not None:

@@ -164,12 +164,14 @@ def load_preference_jsonl(path: str | os.PathLike, allow_outside_paths: bool = F
             for name, file in zip(images, paths):
                 if not Path(file).is_file():
                     raise FileNotFoundError(f"{where}: image {name!r} not found (looked for {file}).")
-            rows.append({
-                "images": paths,
-                "prompt": _preference_messages(record["prompt"], "user", len(paths), where),
-                "chosen": _preference_messages(record["chosen"], "assistant", 0, where),
-                "rejected": _preference_messages(record["rejected"], "assistant", 0, where),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "images": paths,
+                    "prompt": _preference_messages(record["prompt"], "user", len(paths), where),
+                    "chosen": _preference_messages(record["chosen"], "assistant", 0, where),
+                    "rejected": _preference_messages(record["rejected"], "assistant", 0, where),
+                }
+            )
     if not rows:
         raise ValueError(f"{source} holds no preference rows: {DATASET_FORMATS['preferences']}.")
     return Dataset.from_list(rows).cast_column("images", List(Image()))
@@ -217,8 +219,9 @@ def load_user_dataset(path: str | os.PathLike, kind: str, command: str, allow_ou
     elif source.suffix == ".tar" or any(mark in text for mark in "*{["):
         dataset = load_image_text_shards(text)
     else:
-        raise FileNotFoundError(f"--dataset {text!r} is no folder, .jsonl file or .tar shard: {command} takes "
-                                f"{DATASET_FORMATS[kind]}.")  # fmt: skip
+        raise FileNotFoundError(
+            f"--dataset {text!r} is no folder, .jsonl file or .tar shard: {command} takes {DATASET_FORMATS[kind]}."
+        )
     columns = list(dataset.column_names or [])
     if not set(expected) <= set(columns):
         raise ValueError(
@@ -357,10 +360,13 @@ def _instruct_from_stage1(model, processor, directory: str):
 
     model = add_qformer_instruction_input(model, directory)
     processor = BridgeProcessor(
-        processor.image_processor, processor.tokenizer, qformer_tokenizer=AutoTokenizer.from_pretrained(directory),
-        chat_template=processor.chat_template, image_token=processor.image_token,
+        processor.image_processor,
+        processor.tokenizer,
+        qformer_tokenizer=AutoTokenizer.from_pretrained(directory),
+        chat_template=processor.chat_template,
+        image_token=processor.image_token,
         num_image_tokens=processor.num_image_tokens,
-    )  # fmt: skip
+    )
     return model, processor
 
 
@@ -374,9 +380,12 @@ def builtin_chat_dataset(args: ChatDataArguments, command: str = "vlbridge train
         return chats.select_columns(["messages", "images"])
 
     data = make_synthetic_chat(
-        {"train": args.num_train_images}, image_size=args.image_size, seed=args.data_seed_value,
-        turns=(1, args.max_turns), max_objects=args.max_objects,
-    )  # fmt: skip
+        {"train": args.num_train_images},
+        image_size=args.image_size,
+        seed=args.data_seed_value,
+        turns=(1, args.max_turns),
+        max_objects=args.max_objects,
+    )
     return data["train"].select_columns(["messages", "images"])
 
 
@@ -482,9 +491,13 @@ def finish_training(
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         describe_checkpoint(
-            output_dir, processor=processor, stage=stage or infer_stage(trainer),
-            data=data or describe_train_data(trainer.train_dataset), metrics=metrics, base_models=base_models,
-        )  # fmt: skip
+            output_dir,
+            processor=processor,
+            stage=stage or infer_stage(trainer),
+            data=data or describe_train_data(trainer.train_dataset),
+            metrics=metrics,
+            base_models=base_models,
+        )
         print(f"final train loss {metrics['final_loss']:.4f} (mean over the run {metrics['train_loss']:.4f})")
     return metrics
 
