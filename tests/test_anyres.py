@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import IMAGE_ID, make_tokenizer, vlm_config
+from tiny import IMAGE_ID, make_tokenizer, sft_config, vlm_config
 from transformers import AutoImageProcessor, AutoProcessor, SiglipImageProcessorPil
 from transformers.image_processing_utils import get_patch_output_size
 from transformers.image_utils import ChannelDimension
@@ -391,18 +391,7 @@ def test_trl_sft_trainer_carries_image_sizes(tmp_path):
 
     rows = make_synthetic_chat({"train": 4}, image_size=48, turns=1)["train"]
     dataset = Dataset.from_list([{"messages": row["messages"], "images": row["images"]} for row in rows])
-    args = trl.SFTConfig(
-        str(tmp_path),
-        per_device_train_batch_size=4,
-        assistant_only_loss=True,
-        max_length=None,
-        use_cpu=True,
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        max_steps=1,
-    )
+    args = sft_config(tmp_path, max_steps=1)
     proc, model = processor(), build()
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=proc)
     batch = trainer.data_collator([dataset[i] for i in range(4)])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_data_preference import run_doctests
 from test_vlm_collators import make_model, make_processor
-from tiny import make_images
+from tiny import make_images, sft_config
 
 from vlbridge import BridgeVLMForConditionalGeneration
 from vlbridge.data import make_synthetic_safety_chat
@@ -146,22 +146,7 @@ def test_safety_lora_sft_trains_adapters_only(tmp_path):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     data = make_synthetic_safety_chat({"train": 16}, image_size=32, max_objects=2, turns=2, refusal_rate=0.5)
     assert any("absent" in kinds for kinds in data["train"]["turn_types"])
-    args = trl.SFTConfig(
-        str(tmp_path),
-        per_device_train_batch_size=4,
-        assistant_only_loss=True,
-        max_length=None,
-        use_cpu=True,
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        max_steps=20,
-        learning_rate=1e-2,
-        disable_tqdm=True,
-    )
+    args = sft_config(tmp_path, logging_steps=1, seed=0, max_steps=20, learning_rate=1e-2, disable_tqdm=True)
     dataset = data["train"].select_columns(["messages", "images"])
     config = language_model_lora_config(model, r=4, alpha=8)
     trainer = trl.SFTTrainer(

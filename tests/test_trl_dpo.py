@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_lora import assert_only_adapters_changed
 from test_vlm_collators import make_model, make_processor
+from tiny import TRL_CPU_ARGS, sft_config
 
 from vlbridge import BridgeVLMForConditionalGeneration
 from vlbridge.data import make_synthetic_preference, make_synthetic_safety_chat
@@ -32,18 +33,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def dpo_config(tmp_path, **kwargs):
     # bf16 and gradient checkpointing (TRL's defaults) also work on CPU; off here because they only slow a tiny model.
-    defaults = dict(
-        per_device_train_batch_size=4,
-        max_length=None,
-        use_cpu=True,
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
+    defaults = dict(per_device_train_batch_size=4, **TRL_CPU_ARGS, logging_steps=1, seed=0, disable_tqdm=True)
     return trl.DPOConfig(str(tmp_path), **{**defaults, **kwargs})
 
 
@@ -115,16 +105,9 @@ def test_dpo_teaches_a_rarely_refusing_model_to_refuse_absent_objects(tmp_path):
     model = make_model("llama")
     model.freeze("finetune")
     chat = make_synthetic_safety_chat({"train": 64}, image_size=32, max_objects=2, turns=1, refusal_rate=0.1)
-    sft_args = trl.SFTConfig(
-        str(tmp_path / "sft"),
+    sft_args = sft_config(
+        tmp_path / "sft",
         per_device_train_batch_size=16,
-        assistant_only_loss=True,
-        max_length=None,
-        use_cpu=True,
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        save_strategy="no",
         seed=0,
         max_steps=60,
         learning_rate=3e-3,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from test_vlm_collators import chat_rows, decode, make_model, make_processor, spans, text_of
-from tiny import IMAGE_ID
+from tiny import IMAGE_ID, sft_config
 
 
 trl = pytest.importorskip("trl")
@@ -20,20 +20,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def make_trainer(tmp_path, processor, model, rows, **kwargs):
     dataset = Dataset.from_list([{"messages": row["messages"], "images": row["images"]} for row in rows])
-    args = trl.SFTConfig(
-        str(tmp_path),
-        per_device_train_batch_size=4,
-        assistant_only_loss=True,
-        max_length=None,
-        use_cpu=True,
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        **kwargs,
-    )
+    args = sft_config(tmp_path, logging_steps=1, seed=0, **kwargs)
     return trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor), dataset
 
 

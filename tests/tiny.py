@@ -133,6 +133,27 @@ def stage1_config(**kwargs) -> QFormerPretrainingConfig:
     return QFormerPretrainingConfig(**{**defaults, **kwargs})
 
 
+# The TrainingArguments every TRL test on CPU shares: TRL's own truncation off (`max_length=None`, so no image token
+# is ever cut), no mixed precision or checkpointing, nothing saved or reported.
+TRL_CPU_ARGS = dict(
+    max_length=None,
+    use_cpu=True,
+    report_to="none",
+    bf16=False,
+    gradient_checkpointing=False,
+    save_strategy="no",
+)
+
+
+def sft_config(output_dir, **kwargs):
+    """TRL's `SFTConfig` for a tiny CPU run: `TRL_CPU_ARGS`, loss on the assistant's answers only, batch 4."""
+    import trl
+
+    return trl.SFTConfig(
+        str(output_dir), **{"per_device_train_batch_size": 4, "assistant_only_loss": True, **TRL_CPU_ARGS, **kwargs}
+    )
+
+
 def make_images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
