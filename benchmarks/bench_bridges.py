@@ -13,7 +13,7 @@ BridgeProcessor / CaptionCollator batches (images + captions, loss on the captio
 
 "tokens / image" is the number of `<image>` placeholders the processor expanded one image into (the model checks the
 bridge output against it); "sequence" is the language model's input length of the longest sample. The step is
-forward + backward + AdamW (fused where torch has it, lr 1e-4) in two of `model.freeze` stages: `"align"` (BLIP-2
+forward + backward + AdamW (fused where torch has it, lr 1e-4) in two of `model.freeze` stages: `"stage2"` (BLIP-2
 stage 2 / LLaVA pre-training: only the bridge and the projection train) and `"finetune"` (the language model trains
 too; the vision tower stays frozen in both). Dropout is off in every part, so that the times compare the
 architectures. The step times of one stage are taken in one process, round-robin over every (bridge, tiles) after
@@ -62,7 +62,7 @@ from _timing import time_rounds  # noqa: E402
 
 BRIDGES = ("qformer", "perceiver", "mlp")
 TILES = (1, 3, 5)
-STAGES = ("align", "finetune")
+STAGES = ("stage2", "finetune")
 # Image (height, width) in base-size units per tile count: the best-fit BLIP-3 canvas then has no padding at all.
 IMAGE_SHAPES = {1: (2, 2), 3: (1, 2), 5: (2, 2)}
 WORDS = "a an the of and is in on left right above below next to red green blue yellow circle square star small large"

@@ -8,7 +8,7 @@ BLIP-2's layout, 12 layers, cross-attention every 2, 32 queries, but hidden 384;
 
 * **stage-2 training step**: forward + backward + AdamW (fused, lr 1e-4, weight decay 0.05) with the vision tower
   and the language model frozen and the Q-Former, the query tokens and the language projection training, as in
-  BLIP-2's stage 2 (`model.freeze("align")` in vlbridge). The batch is images plus captions in BLIP-2's layout,
+  BLIP-2's stage 2 (`model.freeze("stage2")` in vlbridge). The batch is images plus captions in BLIP-2's layout,
   `[<image> x 32, </s>, caption, padding]`, with the loss on the caption tokens only. Dropout is on (BLIP-2's 0.1 in
   the Q-Former and OPT) and the RNG is re-seeded before every step, so that both models draw the same dropout masks:
   their losses must agree (to 1e-5 in fp32) on the first step, before any timing counts.
@@ -246,7 +246,7 @@ def make_generate_batch(sizes: Sizes) -> dict[str, torch.Tensor]:
 def freeze_for_stage2(ours: BridgeVLMForConditionalGeneration, theirs: Blip2ForConditionalGeneration) -> int:
     """BLIP-2 stage 2 in both: only the Q-Former, its query tokens and the language projection train. Returns the
     number of trainable parameters, checked to be the same in both."""
-    ours.freeze("align")
+    ours.freeze("stage2")
     theirs.requires_grad_(False)
     for module in (theirs.qformer, theirs.language_projection):
         module.requires_grad_(True)

@@ -40,14 +40,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, SiglipImageProcessorPil, Trainer, TrainingArguments
+from transformers import SiglipImageProcessorPil, Trainer, TrainingArguments
 
 from vlbridge import BridgeVLMConfig, BridgeVLMForConditionalGeneration
 from vlbridge.data import build_word_tokenizer, make_synthetic_small_objects
 from vlbridge.data.synthetic_multi import SMALL_OBJECT_TURN_TYPES, multi_image_vocabulary
+from vlbridge.evaluation import evaluate_generation
 from vlbridge.processing import BridgeAnyResImageProcessor, BridgeProcessor, grid_pinpoints_from_grids
-from vlbridge.trainers import ChatCollator, evaluate_generation
-from vlbridge.trainers.scripts import parse_with_preset
+from vlbridge.scripts.utils import ScriptParser
+from vlbridge.trainers import ChatCollator
 
 
 VARIANTS = ("single-tile", "any-res")
@@ -295,13 +296,13 @@ def print_results(results: list[dict], num_questions: int) -> None:
         print(f"{variant}: mean accuracy over {len(runs)} seed(s) {mean:.3f} ({per_type})")
 
 
-def build_parser() -> HfArgumentParser:
-    return HfArgumentParser((SmallObjectsDataArguments, ComparisonArguments, TrainingArguments))
+def make_parser() -> ScriptParser:
+    return ScriptParser((SmallObjectsDataArguments, ComparisonArguments, TrainingArguments))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Trains and scores every (seed, variant); prints the table and returns one result dict per run."""
-    data_args, args, training_args = parse_with_preset(build_parser(), sys.argv[1:] if argv is None else argv)
+    data_args, args, training_args = make_parser().parse_args_and_config(sys.argv[1:] if argv is None else argv)
     variants = [variant.strip() for variant in args.variants.split(",") if variant.strip()]
     if unknown := [variant for variant in variants if variant not in VARIANTS]:
         raise ValueError(f"Unknown --variants {unknown}: choose among {VARIANTS}.")

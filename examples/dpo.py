@@ -32,11 +32,11 @@ only smoke-tests the pipeline, as its untrained head cannot express a preference
     accelerate launch --config_file examples/accelerate/ddp_cpu.yaml examples/dpo.py \
         --config examples/configs/dpo_builtin.yaml
 
-The recipe lives in `vlbridge.recipes.dpo` (installed with the package); this script is its thin wrapper.
+The script lives in `vlbridge.scripts.dpo` (installed with the package); this file runs it as TRL's scripts run.
 """
 
-from vlbridge.recipes.dpo import main
+from vlbridge.scripts.dpo import main, make_parser
 
 
 if __name__ == "__main__":
-    main()
+    main(*make_parser().parse_args_and_config())

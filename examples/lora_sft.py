@@ -12,15 +12,13 @@ and the LoRA arguments (LoRA wants a higher learning rate than full fine-tuning)
 cannot teach an untrained tiny model's head anything.
 
     python examples/sft_trl.py --config examples/configs/sft_trl_builtin.yaml
-    python examples/lora_sft.py --config examples/configs/sft_trl_builtin.yaml \
-        --model_name_or_path outputs/sft-trl-builtin --output_dir outputs/lora-sft-safety \
-        --max_steps 200 --learning_rate 0.01
+    python examples/lora_sft.py --config examples/configs/lora_sft_builtin.yaml
 
-The recipe lives in `vlbridge.recipes.lora_sft` (installed with the package); this script is its thin wrapper.
+The script lives in `vlbridge.scripts.lora_sft` (installed with the package); this file runs it as TRL's scripts run.
 """
 
-from vlbridge.recipes.lora_sft import main
+from vlbridge.scripts.lora_sft import main, make_parser
 
 
 if __name__ == "__main__":
-    main()
+    main(*make_parser().parse_args_and_config())

@@ -13,11 +13,11 @@
     accelerate launch --config_file examples/accelerate/ddp_cpu.yaml examples/sft.py \
         --config examples/configs/sft_builtin.yaml
 
-The recipe lives in `vlbridge.recipes.sft` (installed with the package); this script is its thin wrapper.
+The script lives in `vlbridge.scripts.sft` (installed with the package); this file runs it as TRL's scripts run.
 """
 
-from vlbridge.recipes.sft import main
+from vlbridge.scripts.sft import main, make_parser
 
 
 if __name__ == "__main__":
-    main()
+    main(*make_parser().parse_args_and_config())

@@ -17,11 +17,11 @@ whole; a shorter limit may cut them and misalign the images (see `tests/test_trl
     accelerate launch --config_file examples/accelerate/ddp_cpu.yaml examples/sft_trl.py \
         --config examples/configs/sft_trl_builtin.yaml
 
-The recipe lives in `vlbridge.recipes.sft_trl` (installed with the package); this script is its thin wrapper.
+The script lives in `vlbridge.scripts.sft_trl` (installed with the package); this file runs it as TRL's scripts run.
 """
 
-from vlbridge.recipes.sft_trl import main
+from vlbridge.scripts.sft_trl import main, make_parser
 
 
 if __name__ == "__main__":
-    main()
+    main(*make_parser().parse_args_and_config())

@@ -18,3 +18,13 @@ def load_script(path: Path, name: str) -> ModuleType:
 
 def unload_script(name: str) -> None:
     sys.modules.pop(name, None)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, argv: list[str]) -> dict:
+    """Runs `examples/<name>.py` on `argv` as its `__main__` block does (main of the parsed arguments)
+    and returns the run's metrics."""
+    example = load_script(EXAMPLES / f"{name}.py", f"example_{name}")
+    return example.main(*example.make_parser().parse_args_and_config(argv)).metrics

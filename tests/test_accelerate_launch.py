@@ -54,8 +54,8 @@ CASES = {
     # max_objects 1 and one caption per image: every caption has the same length, so both processes hold as many
     # ITG tokens. --dropout 0 (the recipe's default) for the Q-Former; the recipe's ViT has no dropout.
     "stage1": Case(
-        "pretrain_qformer.py",
-        "pretrain_qformer_builtin.yaml",
+        "stage1.py",
+        "stage1_builtin.yaml",
         8,
         (
             "--num_train_images",
@@ -78,8 +78,8 @@ CASES = {
     # --bridge perceiver: the tiny Q-Former bridge has dropout 0.1 and the recipes have no flag to turn it off; the
     # Perceiver, the CLIP-style ViT and the Llama have none. Captions of one or two objects: unequal token counts.
     "stage2": Case(
-        "pretrain_generative.py",
-        "pretrain_generative_builtin.yaml",
+        "stage2.py",
+        "stage2_builtin.yaml",
         4,
         ("--bridge", "perceiver", "--num_train_images", "32", "--num_eval_images", "0", "--warmup_steps", "0"),
         equal_targets=False,

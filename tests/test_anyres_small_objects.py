@@ -44,7 +44,7 @@ def tiny_argv(tmp_path, *extra: str) -> list[str]:
 
 
 def test_variants_differ_only_in_image_processing(example, tmp_path):
-    data_args, args, _ = example.parse_with_preset(example.build_parser(), tiny_argv(tmp_path))
+    data_args, args, _ = example.make_parser().parse_args_and_config(tiny_argv(tmp_path))
     tokenizer = example.build_word_tokenizer(example.vocabulary())
     train, questions = example.load_data(data_args)
     single = example.build_model(args, tokenizer, anyres=False, seed=0)

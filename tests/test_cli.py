@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from vlbridge.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+ROOT = Path(__file__).resolve().parents[1]
 STAGE_DIRS = {"stage1": "stage1", "stage2": "stage2", "sft": "sft", "dpo": "dpo/merged"}
 
 
@@ -36,10 +38,11 @@ def run_main(argv: list[str]) -> int:
     [
         ([], "<command>"),
         (["demo"], "DPO with LoRA"),
-        (["pretrain"], "ITC + ITM + ITG"),
-        (["train"], "--stage"),
-        (["train", "--stage", "stage2"], "frozen LM"),
-        (["train", "--stage", "sft"], "supervised fine-tuning"),
+        (["stage1"], "ITC + ITM + ITG"),
+        (["stage2"], "frozen LM"),
+        (["sft"], "supervised fine-tuning"),
+        (["sft_trl"], "SFTTrainer"),
+        (["lora_sft"], "LoRA SFT"),
         (["dpo"], "preference"),
         (["caption"], "captions of images"),
         (["retrieve"], "every image against every text"),
@@ -55,9 +58,37 @@ def test_every_command_explains_itself(capsys, argv, purpose):
         assert "example" in text, text[:800]
 
 
+def test_training_commands_show_their_preset_values_in_help(capsys):
+    # The defaults --help shows are the default preset's, which is what a run without flags uses.
+    assert run_main(["stage2", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "outputs/stage2-builtin" in text and "'stage2_builtin'" in text
+
+
+def test_one_name_per_method_in_module_preset_and_command():
+    from vlbridge.cli import TRAINING_COMMANDS
+    from vlbridge.scripts.utils import preset_names
+
+    for command, (preset, *_) in TRAINING_COMMANDS.items():
+        assert preset == f"{command}_builtin" and preset in preset_names()
+        assert (ROOT / "vlbridge" / "scripts" / f"{command}.py").is_file()
+        assert (ROOT / "examples" / f"{command}.py").is_file()
+
+
+def test_old_command_lines_still_work_with_a_warning(capsys):
+    assert run_main(["pretrain", "--help"]) == 0
+    captured = capsys.readouterr()
+    assert "`vlbridge pretrain` is deprecated" in captured.err and "use `vlbridge stage1`" in captured.err
+    assert captured.out.startswith("usage: vlbridge stage1")
+    assert run_main(["train", "--stage", "sft-trl", "--help"]) == 0
+    captured = capsys.readouterr()
+    assert "`vlbridge train --stage sft-trl` is deprecated" in captured.err
+    assert captured.out.startswith("usage: vlbridge sft_trl")
+
+
 def test_bad_command_lines_fail_with_a_reason(capsys):
     assert run_main(["train", "--max_steps", "1"]) == 2
-    assert "--stage is required" in capsys.readouterr().err
+    assert "one command per method" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--<section>.<key>"):
         main(["demo", "--max_steps", "3"])
 
@@ -124,7 +155,7 @@ def test_demo_report_has_its_plots_and_renders_in_headless_chromium(fast_demo, t
 
 
 def test_caption_retrieve_and_eval_on_the_demo_checkpoints(fast_demo, tmp_path, capsys):
-    from vlbridge.recipes.inference import held_out_images
+    from vlbridge.scripts.inference import held_out_images
 
     output_dir, _ = fast_demo
     paths = []
@@ -164,13 +195,13 @@ def test_caption_retrieve_and_eval_on_the_demo_checkpoints(fast_demo, tmp_path, 
     assert "does not take" in capsys.readouterr().err
 
 
-def test_training_commands_delegate_to_the_recipes(tmp_path, capsys):
+def test_training_commands_delegate_to_the_scripts(tmp_path, capsys):
     # No --config: the command's built-in preset; every flag overrides it.
     tiny = ["--max_steps", "1", "--logging_steps", "1", "--disable_tqdm", "true"]
-    argv = ["pretrain", "--output_dir", str(tmp_path / "stage1"), "--num_train_images", "16", "--num_eval_images", "4"]
+    argv = ["stage1", "--output_dir", str(tmp_path / "stage1"), "--num_train_images", "16", "--num_eval_images", "4"]
     assert run_main([*argv, "--vision_layers", "1", "--k_test", "2", *tiny]) == 0
     assert "| i2t_r1 |" in capsys.readouterr().out
-    argv = ["train", "--stage", "sft", "--config", "sft_builtin", "--output_dir", str(tmp_path / "sft")]
+    argv = ["sft", "--config", "sft_builtin", "--output_dir", str(tmp_path / "sft")]
     assert run_main([*argv, "--num_train_images", "4", "--per_device_train_batch_size", "2", *tiny]) == 0
     assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path / "sft"), BridgeVLMForConditionalGeneration)
 

@@ -11,7 +11,7 @@ from transformers import CLIPImageProcessor
 
 from vlbridge import BridgeProcessor, BridgeVLMForConditionalGeneration
 from vlbridge.cli import main
-from vlbridge.trainers.scripts import check_decoder_only_language_model
+from vlbridge.scripts.utils import check_decoder_only_language_model
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -68,10 +68,10 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize(
     "command,dataset",
     [
-        (["train", "--stage", "sft"], "chats.jsonl"),
-        (["train", "--stage", "sft-trl"], "chats.jsonl"),
+        (["sft"], "chats.jsonl"),
+        (["sft_trl"], "chats.jsonl"),
         (
-            ["train", "--stage", "lora-sft", "--model_name_or_path", "none", "--num_preference_images", "2"],
+            ["lora_sft", "--model_name_or_path", "none", "--num_preference_images", "2"],
             "chats.jsonl",
         ),
         (
@@ -83,14 +83,14 @@ def data(tmp_path_factory):
 def test_training_commands_take_a_dataset(data, tmp_path, capsys, command, dataset):
     argv = [*command, "--dataset", str(data / dataset), "--output_dir", str(tmp_path / "out"), *TINY]
     assert run_main(argv) == 0, capsys.readouterr().err[-2000:]
-    saved = tmp_path / "out" / ("merged" if command[0] == "dpo" or "lora-sft" in command else "")
+    saved = tmp_path / "out" / ("merged" if command[0] == "dpo" or "lora_sft" in command else "")
     card = (saved / "README.md").read_text()
     assert "4 training examples" in card, card
 
 
 def test_stage2_and_eval_take_a_caption_dataset(data, tmp_path, capsys):
     output = tmp_path / "stage2"
-    argv = ["train", "--stage", "stage2", "--dataset", str(data), "--output_dir", str(output), *TINY]
+    argv = ["stage2", "--dataset", str(data), "--output_dir", str(output), *TINY]
     assert run_main([*argv, "--num_eval_images", "1", "--eval_max_new_tokens", "2"]) == 0
     assert "held-out captions (1 images)" in capsys.readouterr().out
     assert "3 training examples" in (output / "README.md").read_text()  # one of the four images held out
@@ -101,8 +101,8 @@ def test_stage2_and_eval_take_a_caption_dataset(data, tmp_path, capsys):
 @pytest.mark.parametrize(
     "command,dataset,expected",
     [
-        (["train", "--stage", "sft"], "", "takes chats (columns images, messages)"),
-        (["train", "--stage", "stage2"], "chats.jsonl", "takes captions (columns image, caption)"),
+        (["sft"], "", "takes chats (columns images, messages)"),
+        (["stage2"], "chats.jsonl", "takes captions (columns image, caption)"),
         (["dpo", "--model_name_or_path", "none"], "chats.jsonl", "takes preference rows (columns images, prompt"),
         (["eval", "unused"], "preferences.jsonl", "takes captions (columns image, caption)"),
     ],
@@ -118,9 +118,9 @@ def test_a_dataset_of_the_wrong_kind_is_refused_in_one_line(data, tmp_path, caps
 
 def test_errors_are_one_line_and_debug_shows_the_traceback(data, tmp_path, capsys):
     # A flag typo, a missing image, a LoRA adapter folder where a model is expected.
-    assert run_main(["train", "--stage", "sft", "--max_stepz", "3"]) == 2
+    assert run_main(["sft", "--max_stepz", "3"]) == 2
     err = error_line(capsys.readouterr().err)
-    assert "vlbridge train: error: " in err and "--max_stepz" in err, err
+    assert "vlbridge sft: error: " in err and "--max_stepz" in err, err
     (tmp_path / "prefs.jsonl").write_text(
         json.dumps({"images": ["gone.png"], "prompt": "p", "chosen": "a", "rejected": "b"})
     )
@@ -130,7 +130,7 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(data, tmp_path, capsy
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    for argv in (["eval", str(adapter)], ["train", "--stage", "sft", "--model_name_or_path", str(adapter), *TINY]):
+    for argv in (["eval", str(adapter)], ["sft", "--model_name_or_path", str(adapter), *TINY]):
         assert run_main(argv) == 2
         err = error_line(capsys.readouterr().err)
         assert "LoRA adapter" in err and "vlbridge dpo" in err and "merge" in err, err
@@ -141,7 +141,7 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(data, tmp_path, capsy
 @pytest.mark.parametrize(
     "command,line",
     [
-        (["train", "--stage", "stage2"], {"file_name": "../outside.png", "text": "a red square"}),
+        (["stage2"], {"file_name": "../outside.png", "text": "a red square"}),
         (
             ["dpo", "--model_name_or_path", "none"],
             {"images": ["../outside.png"], "prompt": "p", "chosen": "a", "rejected": "b"},
@@ -151,18 +151,18 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(data, tmp_path, capsy
 def test_dataset_paths_outside_its_folder_need_the_flag(tmp_path, capsys, command, line):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "outside.png")
     (tmp_path / "data").mkdir()
-    metadata = tmp_path / "data" / ("metadata.jsonl" if command[0] == "train" else "prefs.jsonl")
+    metadata = tmp_path / "data" / ("metadata.jsonl" if command[0] == "stage2" else "prefs.jsonl")
     metadata.write_text(json.dumps(line))
-    dataset = str(metadata.parent if command[0] == "train" else metadata)
+    dataset = str(metadata.parent if command[0] == "stage2" else metadata)
     assert run_main([*command, "--dataset", dataset, "--output_dir", str(tmp_path / "out"), *TINY]) == 2
     err = error_line(capsys.readouterr().err)
     assert "leaves the dataset folder" in err and "--allow_outside_paths" in err, err
 
 
 def test_help_shows_the_values_of_the_preset(capsys):
-    assert run_main(["pretrain", "--help"]) == 0
+    assert run_main(["stage1", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    # pretrain_qformer_builtin overrides the dataclass defaults (64, 2,000 images, patch 8).
+    # stage1_builtin overrides the dataclass defaults (64, 2,000 images, patch 8).
     for flag, value in (("image_size", 48), ("num_train_images", 5000), ("patch_size", 16)):
         assert f"--{flag.replace('_', '-')} {flag.upper()} " in text
         section = text[text.index(f"--{flag.replace('_', '-')} {flag.upper()} ") :]
@@ -185,10 +185,10 @@ def t5_vlm(tmp_path_factory):
 
 def test_trl_commands_refuse_an_encoder_decoder_language_model(t5_vlm, data, tmp_path, capsys):
     folder, model = t5_vlm
-    with pytest.raises(ValueError, match="language model is t5 \\(encoder-decoder\\).*vlbridge train --stage sft"):
+    with pytest.raises(ValueError, match="language model is t5 \\(encoder-decoder\\).*vlbridge sft"):
         check_decoder_only_language_model(model)
-    for command in (["train", "--stage", "sft-trl"], ["train", "--stage", "lora-sft"], ["dpo"]):
+    for command in (["sft_trl"], ["lora_sft"], ["dpo"]):
         argv = [*command, "--model_name_or_path", str(folder), "--output_dir", str(tmp_path), *TINY]
         assert run_main(argv) == 2
         err = error_line(capsys.readouterr().err)
-        assert "decoder-only" in err and "vlbridge train --stage sft" in err, (command, err)
+        assert "decoder-only" in err and "vlbridge sft" in err, (command, err)

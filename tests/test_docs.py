@@ -1,20 +1,20 @@
 """The shell commands quoted in README.md and docs/*.md still parse: every flag exists and takes its value.
 
-Guards the docs against drift from the code: a renamed or removed flag, a preset that is gone, a subcommand or
-`--stage` that no longer exists, an example or benchmark script that moved. The commands come from ```bash blocks
+Guards the docs against drift from the code: a renamed or removed flag, a preset that is gone, a subcommand that
+no longer exists, an example or benchmark script that moved. The commands come from ```bash blocks
 (line continuations joined, `# comments` dropped, `&&` chains split) and from inline code spans that start with
 `vlbridge `, `python examples/`, `python benchmarks/`, `accelerate launch` or `torchrun`. Each is parsed the way
 the program parses it, without running anything (no training, no model):
 
-* `vlbridge <command> ...`: `vlbridge.cli.build_parser()`; a training command's flags then go, with its `--config`
-  preset (the command's default one when none is given), through the recipe's own `build_parser()` and
-  `parse_with_preset` (which resolves the preset and turns it into flags), and argparse's `parse_known_args` must
-  leave nothing over. `vlbridge demo`'s `--<section>.<key>` overrides go through `parse_overrides` and
-  `load_demo_config`, and each stage's resulting settings through that stage's recipe parser;
+* `vlbridge <command> ...`: a training command's flags go, with its `--config` preset (the command's default one
+  when none is given), through its script's `make_parser().parse_args_and_config` (TRL's `TrlParser`), and nothing
+  may be left over; any other command through `vlbridge.cli.build_parser()`. `vlbridge demo`'s `--<section>.<key>`
+  overrides go through `parse_overrides` and `load_demo_config`, and each stage's resulting settings through that
+  stage's script parser;
 * `python examples/X.py ...`, `accelerate launch ... examples/X.py ...`, `torchrun ... examples/X.py ...`: the
   launcher's own flags through its parser (accelerate's `launch_command_parser`, torch's `get_args_parser`), the
-  script must exist, and its flags go through the parser of the recipe it wraps (or its own `build_parser`);
-* `python benchmarks/X.py ...`: the script exists and its `make_parser()` / `build_parser()` accepts the flags.
+  script must exist, and its flags go through its `make_parser()`;
+* `python benchmarks/X.py ...`: the script exists and its `make_parser()` accepts the flags.
 
 A command with a placeholder (`<path>`, `...`, or alternatives `a / b`) is skipped, but counted, and its program (the
 `vlbridge` command, the script) must still exist; so must the command of a bare `vlbridge <command>` that names, in
@@ -125,7 +125,7 @@ def quoted_commands(markdown: str) -> tuple[list[Quoted], list[tuple[int, str]]]
 
 
 def has_placeholder(words: list[str]) -> bool:
-    """`<path>`, `...` or alternatives (`vlbridge train --stage stage2 / sft`): not a command to run as it is."""
+    """`<path>`, `...` or alternatives (`vlbridge stage2 / sft`): not a command to run as it is."""
     return any(PLACEHOLDER.search(word) or word == "/" for word in words)
 
 
@@ -146,27 +146,31 @@ def argparse_errors():
             raise ParseError(message[-1] if message else f"exit status {stop.code}") from None
 
 
-def parse_recipe_flags(parser, argv: list[str]) -> None:
+def parse_script_flags(parser, argv: list[str]) -> None:
     """
-    `argv` as `parse_with_preset` (what every recipe runs) combines it with its `--config` preset, then parsed by the
-    recipe's HfArgumentParser without building its dataclasses (no `__post_init__`, which checks the machine:
-    `--bf16 true` is fine on a GPU); an unknown flag is left over.
+    `argv` as a training script's `make_parser().parse_args_and_config(argv)` takes it (TRL's `TrlParser`: the
+    `--config` preset gives the defaults, an unknown key in it is an error), without building the dataclasses (no
+    `__post_init__`, which checks the machine: `--bf16 true` is fine on a GPU); an unknown flag is left over.
     """
-    from vlbridge.trainers.scripts import parse_with_preset
-
     for at, arg in enumerate(argv):
         # `--config path/to.yaml` falls back to the shipped preset of that name: a quoted path must be a file
         config = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[at + 1] if arg == "--config" else None
         if config is not None and "/" in config and not (ROOT / config).is_file():
             raise ParseError(f"--config {config} does not exist")
-    combined = []
-    # Captures the flags parse_with_preset builds from the preset and argv, instead of building the dataclasses.
-    parser.parse_args_into_dataclasses = lambda args, **kwargs: combined.append(list(args)) or ()
+    left_over = []
+
+    def parse_only(args=None, **kwargs):
+        left_over.extend(parser.parse_known_args(args)[1])
+        return ()
+
+    parser.parse_args_into_dataclasses = parse_only
     with argparse_errors():
-        parse_with_preset(parser, argv)
-        _, rest = parser.parse_known_args(combined[0])
-    if rest:
-        raise ParseError(f"unrecognized arguments: {' '.join(rest)}")
+        try:
+            parser.parse_args_and_config(argv)
+        except (ValueError, FileNotFoundError) as error:
+            raise ParseError(str(error)) from None
+    if left_over:
+        raise ParseError(f"unrecognized arguments: {' '.join(left_over)}")
 
 
 def check_vlbridge(argv: list[str]) -> None:
@@ -174,23 +178,21 @@ def check_vlbridge(argv: list[str]) -> None:
     from vlbridge import cli
 
     argv = [arg for arg in argv if arg != "--debug"]
+    if argv and argv[0] in cli.TRAINING_COMMANDS:
+        rest = argv[1:]
+        if not any(arg == "--config" or arg.startswith("--config=") for arg in rest):
+            rest = ["--config", cli.TRAINING_COMMANDS[argv[0]][0], *rest]
+        parse_script_flags(importlib.import_module(f"vlbridge.scripts.{argv[0]}").make_parser(), rest)
+        return
     parser = cli.build_parser()
     with argparse_errors():
-        cli._apply_yaml_config(parser, argv)
+        if argv and argv[0] in cli.INFERENCE_COMMANDS:
+            cli._apply_yaml_config(parser.commands[argv[0]], argv[0], argv)
         args, rest = parser.parse_known_args(argv)
-    if args.command in cli.RECIPE_COMMANDS or args.command == "train":
-        if args.command == "train" and args.stage is None:
-            if {"-h", "--help"} & set(rest):
-                return
-            raise ParseError("vlbridge train: --stage is required")
-        module, preset = (cli.RECIPE_COMMANDS.get(args.command) or cli.TRAIN_STAGES[args.stage])[:2]
-        if cli._config_argument(rest) is None:
-            rest = ["--config", preset, *rest]
-        parse_recipe_flags(importlib.import_module(f"vlbridge.recipes.{module}").build_parser(), rest)
-    elif args.command == "demo":
+    if args.command == "demo":
         import yaml
 
-        from vlbridge.recipes.demo import STAGES, load_demo_config, parse_overrides
+        from vlbridge.demo.demo import STAGES, load_demo_config, parse_overrides
 
         try:
             stages, _ = load_demo_config(args.config, args.fast, parse_overrides(rest))
@@ -201,8 +203,8 @@ def check_vlbridge(argv: list[str]) -> None:
                 preset = Path(folder) / f"{stage}.yaml"
                 preset.write_text(yaml.safe_dump(settings))
                 try:
-                    recipe = importlib.import_module(f"vlbridge.recipes.{STAGES[stage][0]}")
-                    parse_recipe_flags(recipe.build_parser(), ["--config", str(preset)])
+                    script = importlib.import_module(f"vlbridge.scripts.{STAGES[stage][0]}")
+                    parse_script_flags(script.make_parser(), ["--config", str(preset)])
                 except ParseError as error:
                     raise ParseError(f"demo stage {stage}: {error}") from None
     elif rest:
@@ -210,26 +212,24 @@ def check_vlbridge(argv: list[str]) -> None:
 
 
 def check_script(path: str, argv: list[str]) -> None:
-    """`python <path> <argv>`: the script exists, and its parser (or the parser of the recipe it wraps) takes argv."""
+    """`python <path> <argv>`: the script exists, and its `make_parser()` takes argv."""
     script = ROOT / path
     if not script.is_file():
         raise ParseError(f"{path} does not exist")
     name = f"_docs_{script.parent.name}_{script.stem}"
     try:
         module = load_script(script, name)
-        if script.parent.name == "benchmarks":
-            make_parser = getattr(module, "make_parser", None) or getattr(module, "build_parser", None)
-            if make_parser is not None:
-                with argparse_errors():
-                    _, rest = make_parser().parse_known_args(argv)
-                if rest:
-                    raise ParseError(f"unrecognized arguments: {' '.join(rest)}")
+        make_parser = getattr(module, "make_parser", None)
+        if make_parser is None:
             return
-        build_parser = getattr(module, "build_parser", None)
-        if build_parser is None and hasattr(module, "main"):  # a thin wrapper: `from vlbridge.recipes.X import main`
-            build_parser = getattr(importlib.import_module(module.main.__module__), "build_parser", None)
-        if build_parser is not None:
-            parse_recipe_flags(build_parser(), argv)
+        parser = make_parser()
+        if hasattr(parser, "parse_args_and_config"):  # a training script (examples/): presets, dataclasses
+            parse_script_flags(parser, argv)
+            return
+        with argparse_errors():
+            _, rest = parser.parse_known_args(argv)
+        if rest:
+            raise ParseError(f"unrecognized arguments: {' '.join(rest)}")
     finally:
         unload_script(name)
 
@@ -260,7 +260,7 @@ def check_program(words: list[str]) -> None:
         from vlbridge import cli
 
         command = next((word for word in words[1:] if not word.startswith("-")), None)
-        if command not in cli.build_parser()._subparsers._group_actions[0].choices:
+        if command not in cli.build_parser().commands:
             raise ParseError(f"no command {command!r}")
         return
     script = next((word for word in words[1:] if word.endswith(".py")), None)
@@ -324,15 +324,15 @@ def test_checks_catch_a_bad_flag_and_a_missing_preset(monkeypatch):
     def check_line(line: str) -> tuple[str, str | None]:
         return check(Quoted(1, shlex.split(line)))
 
-    assert check_line("vlbridge pretrain --max_steps 5") == ("parsed", None)
+    assert check_line("vlbridge stage1 --max_steps 5") == ("parsed", None)
     assert check_line("vlbridge caption") == ("named", None)  # prose naming the command
     assert check_line("vlbridge caption <checkpoint> a.png") == ("skipped", None)
     assert check_line("vlbridge nope ...") == ("skipped", "no command 'nope'")
     assert "arguments are required" in check_line("vlbridge caption --max_new_tokens 3")[1]
-    assert "--no_such_flag" in check_line("vlbridge train --stage sft --no_such_flag 1")[1]
+    assert "--no_such_flag" in check_line("vlbridge sft --no_such_flag 1")[1]
     assert "invalid int value" in check_line("vlbridge dpo --max_steps many")[1]
     assert "no_such_preset" in check_line("vlbridge dpo --config no_such_preset")[1]
-    assert "invalid choice" in check_line("vlbridge train --stage stage3")[1]
+    assert "invalid choice" in check_line("vlbridge stage3 --max_steps 5")[1]
     assert "--no_such_key" in check_line("vlbridge demo --stage1.no_such_key 1")[1]
     assert "does not exist" in check_line("python examples/no_such_script.py")[1]
     assert "--nope" in check_line("python examples/sft.py --config sft_builtin --nope 1")[1]

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
-from script_loader import load_script
+from script_loader import load_script, run_example
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 import vlbridge  # noqa: F401  (registers the vlbridge model and processor classes with the Auto* factories)
@@ -25,7 +25,7 @@ def test_sft_example_trains_and_saves_a_loadable_checkpoint(tmp_path, name):
     pytest.importorskip("trl")
     preset = EXAMPLES / "configs" / f"{name}_builtin.yaml"
     argv = ["--config", str(preset), "--output_dir", str(tmp_path), "--max_steps", "3", "--logging_steps", "1"]
-    metrics = load_example(name).main([*argv, "--num_train_images", "8", "--per_device_train_batch_size", "4"])
+    metrics = run_example(name, [*argv, "--num_train_images", "8", "--per_device_train_batch_size", "4"])
     assert math.isfinite(metrics["final_loss"]) and math.isfinite(metrics["train_loss"]), metrics
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path)
@@ -35,8 +35,8 @@ def test_sft_example_trains_and_saves_a_loadable_checkpoint(tmp_path, name):
 
 
 @pytest.mark.parametrize("dataset", ["builtin", "folder"])
-def test_pretrain_qformer_example_runs_on_builtin_and_local_data(tmp_path, dataset):
-    preset = EXAMPLES / "configs" / "pretrain_qformer_builtin.yaml"
+def test_stage1_example_runs_on_builtin_and_local_data(tmp_path, dataset):
+    preset = EXAMPLES / "configs" / "stage1_builtin.yaml"
     argv = ["--config", str(preset), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--k_test", "4"]
     argv += ["--num_train_images", "32", "--num_eval_images", "8", "--vision_layers", "1", "--disable_tqdm", "true"]
     if dataset == "folder":
@@ -50,7 +50,7 @@ def test_pretrain_qformer_example_runs_on_builtin_and_local_data(tmp_path, datas
                 row["image"].save(folder / f"{i}.png")
                 file.write(json.dumps({"file_name": f"{i}.png", "text": row["caption"]}) + "\n")
         argv += ["--dataset", str(folder), "--eval_fraction", "0.2"]
-    metrics = load_example("pretrain_qformer").main(argv)
+    metrics = run_example("stage1", argv)
     assert {"i2t_r1", "t2i_r1", "itm_accuracy", "itg_exact"} <= set(metrics)
     assert (tmp_path / "out" / "stage1_metrics.json").is_file()
     assert AutoModel.from_pretrained(tmp_path / "out").config.model_type == "vlbridge_qformer_pretraining"
@@ -64,7 +64,7 @@ def save_tiny_stage1(directory: Path, with_processor: bool = True) -> None:
 
     from vlbridge.data import build_word_tokenizer
     from vlbridge.modeling import QFormerForImageTextPretraining, QFormerPretrainingConfig
-    from vlbridge.recipes.tiny import TINY_BRIDGES
+    from vlbridge.scripts.tiny import TINY_BRIDGES
 
     bridge = {**TINY_BRIDGES["qformer"], "use_text_input": True, "vocab_size": 32, "max_position_embeddings": 16}
     vision = {
@@ -95,10 +95,10 @@ def save_tiny_stage1(directory: Path, with_processor: bool = True) -> None:
 
 
 @pytest.mark.parametrize("stage1", [None, "bridge", "around"])
-def test_pretrain_generative_example_trains_evaluates_and_takes_a_stage1_qformer(tmp_path, stage1):
+def test_stage2_example_trains_evaluates_and_takes_a_stage1_qformer(tmp_path, stage1):
     import torch
 
-    preset = EXAMPLES / "configs" / "pretrain_generative_builtin.yaml"
+    preset = EXAMPLES / "configs" / "stage2_builtin.yaml"
     argv = ["--config", str(preset), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--logging_steps", "1"]
     argv += ["--num_train_images", "8", "--num_eval_images", "4", "--per_device_train_batch_size", "4"]
     argv += ["--eval_max_new_tokens", "4", "--disable_tqdm", "true"]
@@ -110,7 +110,7 @@ def test_pretrain_generative_example_trains_evaluates_and_takes_a_stage1_qformer
             argv += ["--stage1_checkpoint", str(tmp_path / "stage1")]
         else:  # the VLM built around the stage-1 ViT, Q-Former and image processor
             argv += ["--from_stage1", str(tmp_path / "stage1"), "--lm_text_steps", "2"]
-    metrics = load_example("pretrain_generative").main(argv)
+    metrics = run_example("stage2", argv)
     assert math.isfinite(metrics["train_loss"]) and "cider" in metrics and "bleu4" in metrics, metrics
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
@@ -132,10 +132,11 @@ def test_language_model_text_warm_up_trains_only_the_language_model(tmp_path):
     from transformers import TrainingArguments
 
     from vlbridge.data import chat_vocabulary, make_synthetic_image_text
-    from vlbridge.trainers.scripts import VLMModelArguments, load_model_and_processor, train_language_model_on_text
+    from vlbridge.scripts.utils import VLMModelArguments, load_model_and_processor
+    from vlbridge.trainers import train_language_model_on_text
 
     torch.manual_seed(0)
-    model, processor = load_model_and_processor(VLMModelArguments(freeze="align"), chat_vocabulary())
+    model, processor = load_model_and_processor(VLMModelArguments(freeze="stage2"), chat_vocabulary())
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     captions = make_synthetic_image_text({"train": 64}, image_size=32, captions_per_image=1)["train"]["caption"]

@@ -6,8 +6,8 @@ import torch
 from test_vlm_collators import make_model, make_processor
 
 from vlbridge.data import group_captions, make_synthetic_image_text, make_synthetic_vqa
+from vlbridge.evaluation import evaluate_generation
 from vlbridge.metrics.caption_metrics import bleu, cider_d
-from vlbridge.trainers import evaluate_generation
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -72,20 +72,20 @@ def test_rejects_models_it_cannot_convert(stage1, trained_stage2):
 def test_sft_example_turns_a_stage2_model_into_instructblip(tmp_path):
     """`--instruct_from_stage1`: SFT starts from a BLIP-2 stage-2 checkpoint with the stage-1 text branch and
     tokenizer, trains with the instruction in the Q-Former, scores held-out VQA, and saves an InstructBLIP model."""
-    from script_loader import load_script
+    from script_loader import run_example
     from test_examples import EXAMPLES, save_tiny_stage1
     from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     save_tiny_stage1(tmp_path / "stage1")
-    stage2 = ["--config", str(EXAMPLES / "configs" / "pretrain_generative_builtin.yaml"), "--max_steps", "1"]
+    stage2 = ["--config", str(EXAMPLES / "configs" / "stage2_builtin.yaml"), "--max_steps", "1"]
     stage2 += ["--from_stage1", str(tmp_path / "stage1"), "--output_dir", str(tmp_path / "stage2")]
     stage2 += ["--num_train_images", "4", "--num_eval_images", "0", "--lm_text_steps", "0", "--disable_tqdm", "true"]
-    load_script(EXAMPLES / "pretrain_generative.py", "example_pretrain_generative").main(stage2)
+    run_example("stage2", stage2)
 
     sft = ["--config", str(EXAMPLES / "configs" / "sft_builtin.yaml"), "--max_steps", "2", "--disable_tqdm", "true"]
     sft += ["--model_name_or_path", str(tmp_path / "stage2"), "--instruct_from_stage1", str(tmp_path / "stage1")]
     sft += ["--output_dir", str(tmp_path / "sft"), "--num_train_images", "8", "--per_device_train_batch_size", "4"]
-    metrics = load_script(EXAMPLES / "sft.py", "example_sft").main([*sft, "--num_eval_images", "3"])
+    metrics = run_example("sft", [*sft, "--num_eval_images", "3"])
     assert 0.0 <= metrics["vqa_accuracy"] <= 1.0 and metrics["train_loss"] > 0, metrics
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "sft")
@@ -96,7 +96,7 @@ def test_sft_example_turns_a_stage2_model_into_instructblip(tmp_path):
 
 def test_an_empty_instruct_from_stage1_turns_a_presets_value_off():
     from vlbridge.data import chat_vocabulary
-    from vlbridge.trainers.scripts import VLMModelArguments, load_model_and_processor
+    from vlbridge.scripts.utils import VLMModelArguments, load_model_and_processor
 
     model, processor = load_model_and_processor(VLMModelArguments(instruct_from_stage1=""), chat_vocabulary())
     assert not model.config.use_qformer_text_input and processor.qformer_tokenizer is None

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from script_loader import run_example
 from test_data_preference import run_doctests
 from test_vlm_collators import make_model, make_processor
 from tiny import make_images, sft_config
@@ -60,7 +61,7 @@ def test_regex_matches_only_language_model_projections(text):
     assert any(name.startswith("model.vision_tower.") for name in lora_targets(suffixes))
 
 
-@pytest.mark.parametrize("name", ["vlbridge.trainers.lora", "vlbridge.trainers.preference_eval"])
+@pytest.mark.parametrize("name", ["vlbridge.trainers.lora", "vlbridge.evaluation.preference"])
 def test_docstring_examples(name):
     result = run_doctests(name)
     assert result.attempted > 0 and result.failed == 0
@@ -190,13 +191,13 @@ def assert_only_adapters_changed(before: dict, peft_model, bridge_trained: bool)
 
 def test_lora_sft_example_saves_an_adapter_and_a_merged_model(tmp_path):
     pytest.importorskip("trl")
-    from test_examples import EXAMPLES, load_example
+    from test_examples import EXAMPLES
     from transformers import AutoModelForImageTextToText
 
     argv = ["--config", str(EXAMPLES / "configs" / "sft_trl_builtin.yaml"), "--output_dir", str(tmp_path)]
     argv += ["--model_name_or_path", "none", "--max_steps", "2", "--per_device_train_batch_size", "4"]
     argv += ["--num_train_images", "8", "--num_preference_images", "12", "--disable_tqdm", "true"]
-    metrics = load_example("lora_sft").main(argv)
+    metrics = run_example("lora_sft", argv)
     assert 0 <= metrics["accuracy_after"] <= 1
     assert {"accuracy_after_absent", "accuracy_after_present", "accuracy_after_question"} <= set(metrics)
     assert peft.PeftConfig.from_pretrained(tmp_path / "adapter").modules_to_save == [
@@ -207,14 +208,11 @@ def test_lora_sft_example_saves_an_adapter_and_a_merged_model(tmp_path):
 
 
 def test_safety_preset_keeps_captions_and_feeds_the_dpo_preset():
-    from vlbridge.recipes import dpo, lora_sft
-    from vlbridge.trainers.scripts import parse_with_preset
+    from vlbridge.scripts import dpo, lora_sft
 
-    data_args, safety_args, lora_args, model_args, args = parse_with_preset(
-        lora_sft.build_parser(), ["--config", "safety_sft_stage2"]
-    )
-    assert safety_args.caption_rate > 0 and safety_args.refusal_rate > 0 and lora_args.train_bridge
-    assert data_args.max_turns == 1  # InstructBLIP mode: the Q-Former reads a chat's first question only
-    data, _, dpo_model, _ = parse_with_preset(dpo.build_parser(), ["--config", "dpo_safety"])
+    script_args, args, model_args = lora_sft.make_parser().parse_args_and_config(["--config", "lora_sft_stage2"])
+    assert script_args.caption_rate > 0 and script_args.refusal_rate > 0 and script_args.train_bridge
+    assert script_args.max_turns == 1  # InstructBLIP mode: the Q-Former reads a chat's first question only
+    data, _, dpo_model = dpo.make_parser().parse_args_and_config(["--config", "dpo_safety"])
     assert dpo_model.model_name_or_path == f"{args.output_dir}/merged"
     assert set(data.pair_types.split(",")) == {"caption", "question", "absent", "present"}

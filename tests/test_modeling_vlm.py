@@ -10,7 +10,7 @@ from tiny import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, vlm_config
 from transformers import AutoModelForImageTextToText
 
 from vlbridge import BridgeVLMConfig, BridgeVLMForConditionalGeneration
-from vlbridge.trainers import FREEZE_STAGES
+from vlbridge.modeling.freezing import FREEZE_STAGES
 
 
 COMBOS = list(itertools.product(["clip", "siglip"], ["qformer", "perceiver", "mlp"], ["opt", "llama", "t5"]))
@@ -176,7 +176,7 @@ def test_generate_modes_and_kv_cache(text):
 def test_freeze_stages_and_logging(caplog):
     model = build(text="llama")
     with caplog.at_level(logging.INFO, logger="vlbridge"):
-        counts = model.freeze("align")
+        counts = model.freeze("stage2")
     assert counts["vision_tower"] == 0 and counts["language_model"] == 0 and counts["lm_head"] == 0
     assert counts["bridge"] > 0 and counts["language_projection"] > 0
     assert "bridge: trains" in caplog.text and "vision_tower: frozen" in caplog.text
@@ -192,12 +192,12 @@ def test_freeze_stages_and_logging(caplog):
     assert set(model.freeze("frozen").values()) == {0}
     with pytest.raises(ValueError, match="choose one of"):
         model.freeze("stage-9")
-    assert set(FREEZE_STAGES) >= {"align", "finetune", "full-finetune", "frozen"}
+    assert set(FREEZE_STAGES) >= {"stage2", "finetune", "full-finetune", "frozen"}
 
 
 def test_align_stage_training_only_moves_bridge():
     model = build(text="opt")
-    model.freeze("align")
+    model.freeze("stage2")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     input_ids, pixel_values, labels = batch(model.config)

@@ -24,7 +24,7 @@ from vlbridge import (
     QFormerPretrainingConfig,
     load_qformer_into_vlm,
 )
-from vlbridge.conversion.bert import add_decoder_start_token, qformer_from_bert
+from vlbridge.conversion.bert import add_decoder_start_token, pretraining_model_from_bert, qformer_from_bert
 from vlbridge.modeling import stage1_losses as losses
 
 
@@ -670,7 +670,7 @@ def test_qformer_from_bert_matches_bert_on_text(tmp_path, padded):
 def test_pretraining_model_from_bert_with_mlm_head_and_dec_token(tmp_path):
     bert = tiny_bert(BertForMaskedLM)
     bert.save_pretrained(tmp_path)
-    model = QFormerForImageTextPretraining.from_bert(
+    model = pretraining_model_from_bert(
         tmp_path,
         vision_config=vision_config(),
         num_query_tokens=4,

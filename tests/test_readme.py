@@ -29,12 +29,12 @@ def test_cli_help_lists_demo():
 
 
 def test_plain_install_has_what_the_demo_needs():
-    """`pip install -e .` (no extras) must be enough for `vlbridge demo`: the recipes' packages and presets."""
+    """`pip install -e .` (no extras) must be enough for `vlbridge demo`: the scripts' packages and presets."""
     import configparser
 
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
     required = {re.split(r"[<>=!~ ]", line.strip())[0] for line in config["options"]["install_requires"].splitlines()}
     assert {"torch", "transformers", "datasets", "trl", "peft", "evaluate", "matplotlib", "pyyaml"} <= required
-    assert "presets/*.yaml" in config["options.package_data"]["vlbridge.recipes"]
-    assert (ROOT / "vlbridge" / "recipes" / "presets" / "demo.yaml").is_file()
+    assert "presets/*.yaml" in config["options.package_data"]["vlbridge.scripts"]
+    assert (ROOT / "vlbridge" / "scripts" / "presets" / "demo.yaml").is_file()

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from vlbridge.data import make_synthetic_image_text, make_synthetic_vqa
-from vlbridge.report import HeldOutExample, RetrievalExample, format_metric_table, loss_series, render_report
+from vlbridge.demo import HeldOutExample, RetrievalExample, loss_series, render_report
+from vlbridge.evaluation import format_metric_table
 
 
 METRICS = {
@@ -127,7 +128,7 @@ class MarkdownDocTestParser(doctest.DocTestParser):
         return super().parse(re.sub(r"^[ \t]*```.*$", "", string, flags=re.M), name)
 
 
-@pytest.mark.parametrize("name", ["vlbridge.report.plots", "vlbridge.report.tables", "vlbridge.report.render"])
+@pytest.mark.parametrize("name", ["vlbridge.demo.plots", "vlbridge.evaluation.tables", "vlbridge.demo.render"])
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     parser = MarkdownDocTestParser()

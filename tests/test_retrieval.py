@@ -1,4 +1,4 @@
-"""Tests of `vlbridge.modeling.retrieval`: ITC scoring, ITM re-ranking of the top-k, Recall@K in both directions."""
+"""Tests of `vlbridge.evaluation.retrieval`: ITC scoring, ITM re-ranking of the top-k, Recall@K in both directions."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ from tiny import make_images, make_tokenizer, stage1_config
 from transformers import CLIPImageProcessor
 
 from vlbridge import QFormerForImageTextPretraining
+from vlbridge.evaluation.retrieval import NOT_RERANKED, ImageTextRetriever, retrieval_metrics, retrieve
 from vlbridge.metrics.retrieval_recall import recall_at_k
-from vlbridge.modeling.retrieval import NOT_RERANKED, ImageTextRetriever, retrieval_metrics, retrieve
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

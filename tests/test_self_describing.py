@@ -24,9 +24,10 @@ from transformers import CLIPImageProcessor, Trainer, TrainingArguments
 import vlbridge
 from vlbridge import BridgeProcessor, BridgeVLMForConditionalGeneration, QFormerForImageTextPretraining
 from vlbridge.data import make_synthetic_image_text
-from vlbridge.modeling.hub import AUTO_MAP_FILE, add_auto_map, describe_checkpoint, write_model_card
+from vlbridge.hub import add_auto_map, describe_checkpoint, write_model_card
+from vlbridge.modeling.saving import AUTO_MAP_FILE
+from vlbridge.scripts.utils import finish_training
 from vlbridge.trainers import CaptionCollator
-from vlbridge.trainers.scripts import finish_training
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -37,7 +38,7 @@ def image_processor(size: int = 32) -> CLIPImageProcessor:
 
 
 def save_stage1(folder) -> None:
-    """A tiny stage-1 model saved as examples/pretrain_qformer.py saves it, then described."""
+    """A tiny stage-1 model saved as examples/stage1.py saves it, then described."""
     torch.manual_seed(0)
     config = stage1_config()
     model = QFormerForImageTextPretraining(config)
@@ -212,7 +213,7 @@ class MarkdownDocTestParser(doctest.DocTestParser):
 
 
 def test_hub_docstring_examples():
-    module = importlib.import_module("vlbridge.modeling.hub")
+    module = importlib.import_module("vlbridge.modeling.saving")
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     for test in doctest.DocTestFinder(parser=MarkdownDocTestParser()).find(module, module.__name__):
         runner.run(test)

@@ -7,7 +7,8 @@ from transformers import CLIPImageProcessor
 
 from vlbridge import QFormerForImageTextPretraining, QFormerPretrainingConfig
 from vlbridge.data import build_word_tokenizer, caption_vocabulary, group_captions, make_synthetic_image_text
-from vlbridge.trainers import ImageTextCollator, Stage1Config, Stage1Trainer, evaluate_stage1
+from vlbridge.evaluation import evaluate_stage1
+from vlbridge.trainers import ImageTextCollator, Stage1Config, Stage1Trainer
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -135,7 +136,7 @@ def test_itm_negatives_ramp_from_random_to_hard(tmp_path, data):
 
 def test_retrieval_caption_is_written_from_the_scene(data):
     """Built-in data is retrieved with its unique "positions" caption even when it was not among its captions."""
-    from vlbridge.trainers.stage1_eval import retrieval_caption
+    from vlbridge.evaluation.stage1 import retrieval_caption
 
     splits, _, _ = data
     rows = group_captions(splits["train"])
@@ -165,7 +166,7 @@ def test_short_run_learns_retrieval_and_captions():
 
     BERT's init (std 0.02) leaves a tiny from-scratch Q-Former's [CLS] and query outputs almost equal for every
     input, and ITC sits on its ln(N) plateau; a larger init (0.3) lets it learn within a few steps. The full held-out
-    learning figures come from examples/pretrain_qformer.py.
+    learning figures come from examples/stage1.py.
     """
     torch.manual_seed(0)
     splits = make_synthetic_image_text({"train": 32}, image_size=32, captions_per_image=1, max_objects=1)
@@ -216,7 +217,7 @@ def test_short_run_learns_retrieval_and_captions():
         history.append((out.loss_itc.item(), out.loss_itg.item()))
     (itc_start, itg_start), (itc_end, itg_end) = history[0], history[-1]
     assert itc_end < 0.5 * itc_start and itg_end < 0.5 * itg_start, history[::20]
-    # Retrieved with the caption it trained on (the "full" one); held-out learning is examples/pretrain_qformer.py's.
+    # Retrieved with the caption it trained on (the "full" one); held-out learning is examples/stage1.py's.
     rows = group_captions(splits["train"])
     metrics = evaluate_stage1(model, rows, collator, retrieval_style=None, k_test=8, progress=False)
     assert metrics["i2t_r1"] >= 0.5 and metrics["t2i_r1"] >= 0.5, metrics  # chance: 0.03

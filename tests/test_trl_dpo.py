@@ -11,18 +11,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from script_loader import run_example
 from test_lora import assert_only_adapters_changed
 from test_vlm_collators import make_model, make_processor
 from tiny import TRL_CPU_ARGS, sft_config
 
 from vlbridge import BridgeVLMForConditionalGeneration
 from vlbridge.data import make_synthetic_preference, make_synthetic_safety_chat
-from vlbridge.trainers import (
-    language_model_lora_config,
-    preference_accuracy,
-    preference_answer_accuracy,
-    preference_log_probs,
-)
+from vlbridge.evaluation import preference_accuracy, preference_answer_accuracy, preference_log_probs
+from vlbridge.trainers import language_model_lora_config
 
 
 trl = pytest.importorskip("trl")
@@ -173,7 +170,7 @@ def test_answer_accuracy_scores_what_the_model_says(preference_data):
 
 
 def test_dpo_example_saves_an_adapter_and_a_merged_model(tmp_path):
-    from test_examples import EXAMPLES, load_example
+    from test_examples import EXAMPLES
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     argv = ["--config", str(EXAMPLES / "configs" / "dpo_builtin.yaml"), "--output_dir", str(tmp_path)]
@@ -188,7 +185,7 @@ def test_dpo_example_saves_an_adapter_and_a_merged_model(tmp_path):
         "--disable_tqdm",
         "true",
     ]
-    metrics = load_example("dpo").main(argv)
+    metrics = run_example("dpo", argv)
     assert 0 <= metrics["accuracy_after"] <= 1 and metrics["held_out_pairs"] > 0
     assert {"accuracy_after_caption", "accuracy_after_question", "accuracy_after_absent"} & set(metrics)
     assert 0 <= metrics["answer_accuracy_before"] <= 1 and 0 <= metrics["answer_accuracy_after"] <= 1
@@ -201,12 +198,11 @@ def test_dpo_example_saves_an_adapter_and_a_merged_model(tmp_path):
 
 
 def test_presets_add_the_chosen_nll_and_a_flag_overrides_a_list():
-    from vlbridge.recipes.dpo import build_parser
-    from vlbridge.trainers.scripts import parse_with_preset
+    from vlbridge.scripts.dpo import make_parser
 
     for preset in ("dpo_sft", "dpo_builtin", "dpo_safety"):
-        *_, args = parse_with_preset(build_parser(), ["--config", preset])
+        _, args, _ = make_parser().parse_args_and_config(["--config", preset])
         assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 1.0]
     override = ["--config", "dpo_sft", "--loss_type", "sigmoid", "--loss_weights", "1"]
-    *_, args = parse_with_preset(build_parser(), override)
+    _, args, _ = make_parser().parse_args_and_config(override)
     assert args.loss_type == ["sigmoid"] and args.loss_weights == [1.0]

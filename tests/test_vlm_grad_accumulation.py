@@ -1,4 +1,4 @@
-"""Gradient accumulation on the VLM equals the larger batch (ARCHITECTURE rule 6), with captions of unequal length.
+"""Gradient accumulation on the VLM equals the larger batch (loss and gradients), with captions of unequal length.
 
 The Trainer counts the label tokens of the whole accumulation window (`num_items_in_batch`) and the model divides its
 summed token losses by that count (`accepts_loss_kwargs = True`), so 2 micro-batches of 4 give the loss and gradients

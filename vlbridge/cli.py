@@ -1,20 +1,22 @@
 """
-The `vlbridge` command: a thin layer over the recipes (`vlbridge.recipes`) and the checkpoint helpers.
+The `vlbridge` command: one subcommand per job, each a thin layer over a training script (`vlbridge.scripts`), the
+demo or the checkpoint helpers.
 
     vlbridge demo                                  # the whole recipe on built-in data, with a report
-    vlbridge pretrain --config pretrain_qformer_builtin --max_steps 20
-    vlbridge train --stage sft --model_name_or_path outputs/demo/stage2
+    vlbridge stage1 --config stage1_builtin --max_steps 20
+    vlbridge stage2 --from_stage1 outputs/stage1 --lm_text_steps 300
+    vlbridge sft --model_name_or_path outputs/demo/stage2
     vlbridge dpo --model_name_or_path outputs/demo/sft
     vlbridge caption outputs/demo/stage2 image.png
     vlbridge retrieve outputs/demo/stage1 --images a.png b.png --texts "a red circle" "two blue stars"
     vlbridge eval outputs/demo/sft
     vlbridge convert path/to/blip2-checkpoint outputs/blip2-vlbridge
 
-The training commands take a YAML preset (`--config`: a path, or the name of a preset shipped in
-`vlbridge/recipes/presets/`) and any of its values as overrides (`--max_steps 100`); `caption`, `retrieve`, `eval`
-and `convert` take `--config FILE` too, a YAML of their own options, which flags on the command line override.
-The training commands and `eval` take your own data with `--dataset` (captions, chats or preference rows, as each
-command's `--help` says).
+Every command takes `--config FILE`, a YAML of its options (keys are the flag names), and flags that override it;
+the training commands also take the name of a preset shipped in `vlbridge/scripts/presets/` and default to their
+own. The training commands and `eval` take your own data with `--dataset` (captions, chats or preference rows, as
+each command's `--help` says). `vlbridge pretrain` and `vlbridge train --stage NAME` still work, with a warning
+naming the command that replaces them.
 
 An error prints one line, `vlbridge <command>: error: <what to fix>`, and exits with status 2; `--debug` (anywhere
 on the command line) shows the full traceback instead.
@@ -32,32 +34,48 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """Descriptions keep their line breaks (examples), arguments show their defaults."""
 
 
-# command -> (recipe module, default preset, one-line help, example)
-RECIPE_COMMANDS = {
-    "pretrain": (
-        "stage1",
-        "pretrain_qformer_builtin",
+# command (= the module in vlbridge.scripts) -> (default preset, one-line help, example, what --dataset takes)
+TRAINING_COMMANDS = {
+    "stage1": (
+        "stage1_builtin",
         "BLIP-2 stage 1: pretrain a Q-Former with ITC + ITM + ITG, report held-out retrieval recall, save.",
-        "vlbridge pretrain --output_dir outputs/stage1 --max_steps 2000",
+        "vlbridge stage1 --output_dir outputs/stage1 --max_steps 2000",
+        "captions (image, caption)",
+    ),
+    "stage2": (
+        "stage2_builtin",
+        "BLIP-2 stage 2: the bridge learns captions for a frozen LM (from a stage-1 run or from scratch).",
+        "vlbridge stage2 --from_stage1 outputs/stage1 --lm_text_steps 300 --image_size 48 --max_objects 2",
+        "captions (image, caption)",
+    ),
+    "sft": (
+        "sft_builtin",
+        "Supervised fine-tuning on chats with the HF Trainer and ChatCollator (any LM), held-out VQA.",
+        "vlbridge sft --model_name_or_path outputs/demo/stage2 --num_eval_images 50 --image_size 48",
+        "chats (messages, images)",
+    ),
+    "sft_trl": (
+        "sft_trl_builtin",
+        "Supervised fine-tuning on chats with TRL's SFTTrainer (decoder-only LMs).",
+        "vlbridge sft_trl --model_name_or_path outputs/demo/stage2 --max_steps 100",
+        "chats (messages, images)",
+    ),
+    "lora_sft": (
+        "lora_sft_builtin",
+        "Safety / helpfulness LoRA SFT with TRL's SFTTrainer; preference accuracy before / after, adapter + merged.",
+        "vlbridge lora_sft --model_name_or_path outputs/sft-trl-builtin --max_steps 200",
+        "chats (messages, images)",
     ),
     "dpo": (
-        "dpo",
         "dpo_builtin",
-        "DPO with LoRA on built-in preference pairs (TRL), preference accuracy before / after, save adapter + merged.",
+        "DPO with LoRA on built-in preference pairs (TRL), preference accuracy before / after, adapter + merged.",
         "vlbridge dpo --model_name_or_path outputs/demo/sft --output_dir outputs/dpo --max_steps 100",
+        "preference rows (images, prompt, chosen, rejected)",
     ),
 }
-# `vlbridge train --stage NAME` -> (recipe module, default preset, what it does)
-TRAIN_STAGES = {
-    "stage2": ("stage2", "pretrain_generative_builtin", "BLIP-2 stage 2: the bridge learns captions, frozen LM"),
-    "sft": ("sft", "sft_builtin", "supervised fine-tuning on chats (HF Trainer + ChatCollator), held-out VQA"),
-    "sft-trl": ("sft_trl", "sft_trl_builtin", "supervised fine-tuning on chats with TRL's SFTTrainer"),
-    "lora-sft": ("lora_sft", "sft_trl_builtin", "safety / helpfulness LoRA SFT with TRL's SFTTrainer"),
-}
-TRAIN_EXAMPLE = (
-    "vlbridge train --stage stage2 --from_stage1 outputs/stage1 --lm_text_steps 300 --image_size 48 --max_objects 2\n"
-    "  vlbridge train --stage sft --model_name_or_path outputs/demo/stage2 --num_eval_images 50 --image_size 48"
-)
+# Earlier command lines, still accepted for one release: `vlbridge pretrain`, `vlbridge train --stage NAME`.
+RENAMED_COMMANDS = {"pretrain": "stage1"}
+RENAMED_STAGES = {"stage2": "stage2", "sft": "sft", "sft-trl": "sft_trl", "lora-sft": "lora_sft"}
 
 
 DEMO_DESCRIPTION = """\
@@ -70,68 +88,66 @@ preset it ran with in OUTPUT_DIR/configs/<stage>.yaml. OUTPUT_DIR/report/report.
 held-out images with their captions and answers, and a retrieval example; the metric table is printed at the end.
 
 Overrides: --<section>.<key> <value>, section among shared (every stage), stage1, stage2, sft, dpo, report;
-see vlbridge/recipes/presets/demo.yaml for the values.
+see vlbridge/scripts/presets/demo.yaml for the values.
 
 example:
   vlbridge demo --output_dir outputs/demo --stage1.max_steps 500 --shared.seed 1"""
 
 
-# What `--dataset` takes, per training command.
-DATASET_KINDS = {
-    "pretrain": "captions (image, caption)",
-    "dpo": "preference rows (images, prompt, chosen, rejected)",
-    "stage2": "captions (image, caption)",
-    "sft": "chats (messages, images)",
-    "sft-trl": "chats (messages, images)",
-    "lora-sft": "chats (messages, images)",
-}
-
-
-def _recipe_description(purpose: str, preset: str, example: str, data: str) -> str:
+def _script_description(purpose: str, preset: str, example: str, data: str) -> str:
     return (
-        f"{purpose}\n\nWithout --config the preset {preset!r} is used (vlbridge/recipes/presets/{preset}.yaml). "
+        f"{purpose}\n\nWithout --config the preset {preset!r} is used (vlbridge/scripts/presets/{preset}.yaml). "
         "--config takes a YAML path\nor a preset name; the defaults shown below are that preset's values, and every "
         f"flag given overrides them.\n--dataset takes your own {data}: see its help below.\n\n"
         f"example:\n  {example}"
     )
 
 
-def _config_argument(argv: list[str]) -> str | None:
-    """The value of `--config` in `argv`, if given."""
-    for at, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and at + 1 < len(argv):
-            return argv[at + 1]
-    return None
-
-
-def show_preset_defaults(parser, config: str) -> None:
-    """Makes the preset's values the parser's defaults, so that `--help` shows the values a run really uses."""
-    import yaml
-
-    from .recipes.common import resolve_preset
-
-    values = yaml.safe_load(resolve_preset(config).read_text()) or {}
-    known = {action.dest for action in parser._actions}
-    parser.set_defaults(**{key: value for key, value in values.items() if key in known})
-
-
-def run_recipe(module: str, preset: str, argv: list[str], prog: str, description: str) -> int:
-    """Runs `vlbridge.recipes.<module>` on `argv`, with `--config <preset>` unless `argv` names one."""
-    recipe = importlib.import_module(f"vlbridge.recipes.{module}")
-    parser = recipe.build_parser()
-    parser.prog, parser.description, parser.formatter_class = prog, description, _HelpFormatter
-    parser.usage = f"{prog} [-h] [--config PRESET] [--ARGUMENT VALUE ...]"
-    if _config_argument(argv) is None:
+def run_script(command: str, argv: list[str]) -> int:
+    """Runs `vlbridge.scripts.<command>` on `argv`, with `--config <its preset>` unless `argv` names one."""
+    preset, purpose, example, data = TRAINING_COMMANDS[command]
+    script = importlib.import_module(f"vlbridge.scripts.{command}")
+    parser = script.make_parser()
+    parser.prog = f"vlbridge {command}"
+    parser.description = _script_description(purpose, preset, example, data)
+    parser.formatter_class = _HelpFormatter
+    parser.usage = f"vlbridge {command} [-h] [--config PRESET] [--ARGUMENT VALUE ...]"
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
         argv = ["--config", preset, *argv]
-    # The preset's values reach the run as flags; as defaults too, `--help` shows them instead of the dataclasses'.
-    show_preset_defaults(parser, _config_argument(argv))
-    recipe.run(argv, parser=parser)
+    # The parser (TRL's TrlParser) makes the preset's values its defaults: `--help` shows what a run really uses.
+    script.run(argv, parser=parser)
     return 0
 
 
-def _add_demo(commands) -> None:
+def _deprecated(argv: list[str]) -> list[str]:
+    """`vlbridge pretrain ...` and `vlbridge train --stage NAME ...` as today's command line, with a warning."""
+    if argv and argv[0] in RENAMED_COMMANDS:
+        new = [RENAMED_COMMANDS[argv[0]], *argv[1:]]
+    elif argv and argv[0] == "train":
+        rest = list(argv[1:])
+        stage = None
+        for at, arg in enumerate(rest):
+            if arg.startswith("--stage="):
+                stage, rest = arg.split("=", 1)[1], rest[:at] + rest[at + 1 :]
+                break
+            if arg == "--stage" and at + 1 < len(rest):
+                stage, rest = rest[at + 1], rest[:at] + rest[at + 2 :]
+                break
+        if stage not in RENAMED_STAGES:
+            choices = ", ".join(f"vlbridge {name}" for name in TRAINING_COMMANDS)
+            raise ValueError(f"`vlbridge train` is replaced by one command per method: {choices}.")
+        new = [RENAMED_STAGES[stage], *rest]
+    else:
+        return argv
+    old = " ".join(argv[: len(argv) - len(new) + 1])
+    print(
+        f"vlbridge: `vlbridge {old}` is deprecated and goes in the next release; use `vlbridge {new[0]}`.",
+        file=sys.stderr,
+    )
+    return new
+
+
+def _add_demo(commands) -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         formatter_class=_HelpFormatter,
@@ -148,9 +164,10 @@ def _add_demo(commands) -> None:
         help="PyTorch intra-op threads; default: $OMP_NUM_THREADS if set, else 1. The demo's models are tiny: more "
         "threads gain little and, on cores shared with other work, make each step up to 10x slower.",
     )
+    return demo
 
 
-def _add_inference(commands) -> None:
+def _add_inference(commands) -> dict[str, argparse.ArgumentParser]:
     caption = commands.add_parser(
         "caption",
         formatter_class=_HelpFormatter,
@@ -175,7 +192,7 @@ def _add_inference(commands) -> None:
         "re-ranking) and prints\nthe best matches both ways.\n\nexample:\n  vlbridge retrieve outputs/demo/stage1 "
         "--images a.png b.png --texts 'a large red circle' 'two small blue stars'",
     )
-    retrieve.add_argument("checkpoint", help="A stage-1 checkpoint folder (vlbridge pretrain).")
+    retrieve.add_argument("checkpoint", help="A stage-1 checkpoint folder (vlbridge stage1).")
     retrieve.add_argument("--images", nargs="+", required=True, help="Image files.")
     retrieve.add_argument("--texts", nargs="+", required=True, help="Texts.")
     retrieve.add_argument("--top_k", type=int, default=3, help="Matches printed per query.")
@@ -222,16 +239,15 @@ def _add_inference(commands) -> None:
     convert.add_argument("destination", help="Where the converted model and processor are saved.")
     convert.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="Load dtype.")
     convert.add_argument("--config", default=None, help=CONFIG_HELP)
+    return {"caption": caption, "retrieve": retrieve, "eval": evaluate, "convert": convert}
 
 
 INFERENCE_COMMANDS = ("caption", "retrieve", "eval", "convert")
 CONFIG_HELP = "A YAML file of this command's options (keys are the flag names); flags on the command line override it."
 
 
-def _apply_yaml_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """For the inference commands: the options in `--config FILE` become the subcommand's defaults."""
-    if not argv or argv[0] not in INFERENCE_COMMANDS:
-        return
+def _apply_yaml_config(subparser: argparse.ArgumentParser, command: str, argv: list[str]) -> None:
+    """For the commands without a preset: the options in `--config FILE` become the subcommand's defaults."""
     path = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
     if path is None and "--config" in argv[:-1]:
         path = argv[argv.index("--config") + 1]
@@ -239,26 +255,26 @@ def _apply_yaml_config(parser: argparse.ArgumentParser, argv: list[str]) -> None
         return
     import yaml
 
-    subparser = parser._subparsers._group_actions[0].choices[argv[0]]
-    options = {action.dest: action for action in subparser._actions if action.option_strings}
+    options = {action.dest for action in subparser._actions if action.option_strings}
     values = yaml.safe_load(open(path)) or {}
-    unknown = sorted(set(values) - set(options) - {"config"})
+    unknown = sorted(set(values) - options)
     if unknown:
-        subparser.error(f"{path} sets {unknown}, which `vlbridge {argv[0]}` does not take ({sorted(options)}).")
+        subparser.error(f"{path} sets {unknown}, which `vlbridge {command}` does not take ({sorted(options)}).")
     subparser.set_defaults(**{key: value for key, value in values.items() if key != "config"})
 
 
 def build_parser() -> argparse.ArgumentParser:
     """
-    The `vlbridge` parser: one subcommand per task; the training commands pass their flags on to their recipe.
+    The `vlbridge` parser: one subcommand per job; a training command passes its flags on to its script's parser.
+    `parser.commands` maps each command to its subparser.
 
     Example:
 
     ```python
     >>> from vlbridge.cli import build_parser
-    >>> args, rest = build_parser().parse_known_args(["train", "--stage", "sft", "--max_steps", "5"])
-    >>> args.command, args.stage, rest
-    ('train', 'sft', ['--max_steps', '5'])
+    >>> args, rest = build_parser().parse_known_args(["sft", "--max_steps", "5"])
+    >>> args.command, rest
+    ('sft', ['--max_steps', '5'])
     ```
     """
     parser = argparse.ArgumentParser(
@@ -272,23 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"vlbridge {__version__}")
     parser.add_argument("--debug", action="store_true", help="On an error, show the full traceback (any position).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    _add_demo(commands)
-    for name, recipe in RECIPE_COMMANDS.items():
-        commands.add_parser(name, help=recipe[2], add_help=False, allow_abbrev=False)
-    train = commands.add_parser(
-        "train",
-        add_help=False,
-        allow_abbrev=False,
-        formatter_class=_HelpFormatter,
-        help="Train a VLM: stage 2 (captions, frozen LM), SFT (Trainer or TRL) or LoRA SFT, with a preset.",
-        description="Train a VLM with one of the recipes (--stage), on built-in data:\n"
-        + "\n".join(f"  {name:9s} {text} (preset {preset!r})" for name, (_, preset, text) in TRAIN_STAGES.items())
-        + "\n\n`vlbridge train --stage NAME --help` lists that recipe's arguments.\n\nexamples:\n  "
-        + TRAIN_EXAMPLE,
-    )
-    train.add_argument("--stage", choices=list(TRAIN_STAGES), help="Which recipe.")
-    _add_inference(commands)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    commands = {"demo": _add_demo(subparsers)}
+    for name, (_, purpose, _, _) in TRAINING_COMMANDS.items():
+        # The script's own parser takes the flags (`run_script`); this entry gives the command its line in --help.
+        commands[name] = subparsers.add_parser(name, help=purpose, add_help=False, allow_abbrev=False)
+    commands.update(_add_inference(subparsers))
+    parser.commands = commands
     return parser
 
 
@@ -299,8 +305,8 @@ def _environment_threads() -> int:
 
 
 def _demo(args, rest: list[str]) -> int:
-    from .recipes.demo import parse_overrides, run_demo
-    from .report import format_metric_table
+    from .demo.demo import parse_overrides, run_demo
+    from .evaluation.tables import format_metric_table
 
     try:
         overrides = parse_overrides(rest)
@@ -320,8 +326,8 @@ def _demo(args, rest: list[str]) -> int:
 
 
 def _caption(args) -> int:
-    from .recipes.inference import caption_images, load_checkpoint
-    from .trainers.scripts import check_model_folder
+    from .hub.checkpoint import check_model_folder
+    from .scripts.inference import caption_images, load_checkpoint
 
     check_model_folder(args.checkpoint)
 
@@ -332,7 +338,7 @@ def _caption(args) -> int:
 
 
 def _retrieve(args) -> int:
-    from .recipes.inference import load_checkpoint, rank_matches
+    from .scripts.inference import load_checkpoint, rank_matches
 
     scores_i2t, scores_t2i = rank_matches(load_checkpoint(args.checkpoint), args.images, args.texts)
     for heading, queries, candidates, scores in (
@@ -351,14 +357,14 @@ def _retrieve(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .recipes.inference import evaluate_checkpoint, load_checkpoint
-    from .report import format_metric_table
-    from .trainers.scripts import check_model_folder
+    from .evaluation.tables import format_metric_table
+    from .hub.checkpoint import check_model_folder
+    from .scripts.inference import evaluate_checkpoint, load_checkpoint
 
     images = None
     if args.dataset is not None:
         from .data import group_captions
-        from .trainers.scripts import load_user_dataset
+        from .data.user import load_user_dataset
 
         pairs = load_user_dataset(args.dataset, "captions", "vlbridge eval", args.allow_outside_paths)
         if "image_id" not in pairs.column_names:
@@ -422,25 +428,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str]) -> int:
     """`main` without the error handling."""
+    argv = _deprecated(argv)
+    if argv and argv[0] in TRAINING_COMMANDS:
+        return run_script(argv[0], argv[1:])
     parser = build_parser()
-    _apply_yaml_config(parser, argv)
+    if argv and argv[0] in INFERENCE_COMMANDS:
+        _apply_yaml_config(parser.commands[argv[0]], argv[0], argv)
     args, rest = parser.parse_known_args(argv)
-    if args.command in RECIPE_COMMANDS:
-        module, preset, purpose, example = RECIPE_COMMANDS[args.command]
-        description = _recipe_description(purpose, preset, example, DATASET_KINDS[args.command])
-        return run_recipe(module, preset, rest, f"vlbridge {args.command}", description)
-    if args.command == "train":
-        if args.stage is None:
-            subparser = parser._subparsers._group_actions[0].choices["train"]
-            if {"-h", "--help"} & set(rest):
-                subparser.print_help()
-                return 0
-            subparser.error("--stage is required: " + ", ".join(TRAIN_STAGES))
-        module, preset, purpose = TRAIN_STAGES[args.stage]
-        description = _recipe_description(
-            f"{purpose[0].upper()}{purpose[1:]}.", preset, TRAIN_EXAMPLE, DATASET_KINDS[args.stage]
-        )
-        return run_recipe(module, preset, rest, f"vlbridge train --stage {args.stage}", description)
     if args.command == "demo":
         return _demo(args, rest)
     if rest:

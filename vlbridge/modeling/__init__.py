@@ -11,7 +11,6 @@ from ..configuration import (
     QFormerConfig,
     QFormerPretrainingConfig,
 )
-from .from_pretrained_parts import add_qformer_instruction_input
 from .modeling_bridge_vlm import (
     BridgeVLMForConditionalGeneration,
     BridgeVLMModel,
@@ -22,12 +21,14 @@ from .modeling_bridge_vlm import (
 from .modeling_mlp import MLPProjectorModel
 from .modeling_perceiver import PerceiverResamplerModel
 from .modeling_qformer import QFormerModel
-from .modeling_qformer_pretraining import (
-    QFormerForImageTextPretraining,
-    QFormerPretrainingOutput,
-    load_qformer_into_vlm,
-)
+from .modeling_qformer_pretraining import QFormerForImageTextPretraining, QFormerPretrainingOutput
 from .outputs import BridgeModelOutput
+from .stage1_handoff import (
+    add_qformer_instruction_input,
+    load_qformer_into_vlm,
+    qformer_instruction_processor,
+    vlm_from_stage1,
+)
 
 
 for _config, _model in (
@@ -58,4 +59,6 @@ __all__ = [
     "QFormerModel",
     "QFormerPretrainingOutput",
     "load_qformer_into_vlm",
+    "qformer_instruction_processor",
+    "vlm_from_stage1",
 ]

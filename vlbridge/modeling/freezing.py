@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers.utils import logging
@@ -15,7 +17,7 @@ COMPONENTS = ("vision_tower", "bridge", "language_projection", "language_model",
 # What trains in each stage of the recipe; everything else is frozen.
 FREEZE_STAGES: dict[str, tuple[str, ...]] = {
     # BLIP-2 stage 2 / LLaVA pre-training: only the bridge and the projection learn.
-    "align": ("bridge", "language_projection"),
+    "stage2": ("bridge", "language_projection"),
     # Instruction tuning (LLaVA stage 2, BLIP-3 SFT): the vision tower stays frozen.
     "finetune": ("bridge", "language_projection", "language_model", "lm_head"),
     # Everything trains.
@@ -25,6 +27,9 @@ FREEZE_STAGES: dict[str, tuple[str, ...]] = {
     # Nothing trains (evaluation, or before attaching adapters).
     "frozen": (),
 }
+
+# Stages known under an earlier name: still accepted, with a warning naming the new one.
+RENAMED_FREEZE_STAGES = {"align": "stage2"}
 
 
 class FreezingMixin:
@@ -46,7 +51,7 @@ class FreezingMixin:
 
         Args:
             stage (`str`):
-                One of `"align"` (bridge + projection train; BLIP-2 stage 2), `"finetune"` (all but the vision
+                One of `"stage2"` (bridge + projection train; BLIP-2 stage 2), `"finetune"` (all but the vision
                 tower; SFT), `"full-finetune"` (everything), `"language-model"` (only the LM and its head) and
                 `"frozen"` (nothing).
 
@@ -56,10 +61,18 @@ class FreezingMixin:
         Example:
 
         ```python
-        >>> model.freeze("align")  # doctest: +SKIP
+        >>> model.freeze("stage2")  # doctest: +SKIP
         {'vision_tower': 0, 'bridge': 105344, 'language_projection': 1056, 'language_model': 0, 'lm_head': 0}
         ```
         """
+        if stage in RENAMED_FREEZE_STAGES:
+            warnings.warn(
+                f"The freezing stage {stage!r} is now called {RENAMED_FREEZE_STAGES[stage]!r}; the old name goes in "
+                "the next release.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            stage = RENAMED_FREEZE_STAGES[stage]
         if stage not in FREEZE_STAGES:
             raise ValueError(f"Unknown freezing stage {stage!r}; choose one of {sorted(FREEZE_STAGES)}.")
         trains = FREEZE_STAGES[stage]
@@ -81,6 +94,8 @@ class FreezingMixin:
         # A frozen vision tower runs in eval mode (no dropout / drop-path), even after model.train().
         self._frozen_vision_tower = "vision_tower" not in trains
         self.train(self.training)
+        # The stage in force, so that a temporary change (the text warm-up of stage 2) can come back to it.
+        self.freeze_stage = stage
 
         counts = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in components.items()}
         total = sum(p.numel() for p in self.parameters())

@@ -1,4 +1,4 @@
-"""Build a VLM from a vision checkpoint and a language-model checkpoint saved separately (ARCHITECTURE rule 3)."""
+"""Build a VLM from a vision checkpoint and a language-model checkpoint saved separately (any tower, any LM)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def from_vision_text_pretrained(
     model = model_class(config)
     if dtype is not None:
         model.to(dtype)
-        model.model.bridge.float()  # the bridge stays fp32 (ARCHITECTURE rule 4)
+        model.model.bridge.float()  # the bridge stays fp32, whatever the towers' dtype
 
     tower = model.model.vision_tower
     if all(k.startswith("vision_model.") for k in tower.state_dict()):  # towers that nest their transformer
@@ -98,92 +98,3 @@ def from_vision_text_pretrained(
     model.tie_weights()
     logger.info(f"Built a VLM from {vision_path} (vision) and {text_path} (language); the bridge is new.")
     return model
-
-
-def vlm_from_stage1(stage1, text_config, image_token_id: int, **config_kwargs):
-    """
-    A stage-2 [`BridgeVLMForConditionalGeneration`] around a stage-1 model's vision tower and Q-Former (BLIP-2's
-    hand-off: the Q-Former reads the features it was trained on), with a language model built from `text_config`.
-    The Q-Former's text branch is dropped (`use_text_input=False`), as in BLIP-2's stage 2.
-
-    Args:
-        stage1 ([`QFormerForImageTextPretraining`] or `str`): The stage-1 model or its directory.
-        text_config (`dict` or [`PretrainedConfig`]): The language model's config (a fresh, randomly initialised LM).
-        image_token_id (`int`): Id of the image placeholder token in the language model's tokenizer.
-        config_kwargs: Other [`BridgeVLMConfig`] arguments.
-
-    Example:
-
-    ```python
-    >>> text_config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 64}  # doctest: +SKIP
-    >>> vlm = vlm_from_stage1("outputs/stage1-builtin", text_config, image_token_id=4)  # doctest: +SKIP
-    ```
-    """
-    from .modeling_bridge_vlm import BridgeVLMForConditionalGeneration
-    from .modeling_qformer_pretraining import QFormerForImageTextPretraining, load_qformer_into_vlm
-
-    if isinstance(stage1, (str, os.PathLike)):
-        stage1 = QFormerForImageTextPretraining.from_pretrained(stage1)
-    bridge_config = {**stage1.config.qformer_config.to_dict(), "use_text_input": False}
-    config = BridgeVLMConfig(
-        vision_config=stage1.config.vision_config.to_dict(),
-        bridge_config=bridge_config,
-        text_config=text_config,
-        image_token_id=image_token_id,
-        vision_feature_layer=getattr(stage1.config, "vision_feature_layer", None),
-        **config_kwargs,
-    )
-    return load_qformer_into_vlm(BridgeVLMForConditionalGeneration(config), stage1, include_vision_tower=True)
-
-
-def add_qformer_instruction_input(vlm, stage1):
-    """
-    InstructBLIP mode for a BLIP-2 VLM: a copy of `vlm` whose Q-Former also reads the instruction
-    (`use_qformer_text_input=True`). Every weight of `vlm` carries over (a stage-2 or SFT model keeps what it
-    learned); the Q-Former's text branch, which BLIP-2's stage 2 drops (word and position embeddings, the text
-    feed-forward blocks), comes back from the stage-1 model, as InstructBLIP starts its Q-Former from BLIP-2's. Pair
-    the model with a processor whose `qformer_tokenizer` is the stage-1 tokenizer.
-
-    Args:
-        vlm ([`BridgeVLMForConditionalGeneration`]): A VLM whose bridge is a Q-Former without text branch.
-        stage1 ([`QFormerForImageTextPretraining`] or `str`): The stage-1 model its Q-Former came from (or its folder).
-
-    Returns:
-        [`BridgeVLMForConditionalGeneration`]: the new model, on `vlm`'s device and dtype, in `vlm`'s train / eval
-        mode; freeze it as the next stage needs.
-
-    Example:
-
-    ```python
-    >>> from vlbridge.modeling import add_qformer_instruction_input  # doctest: +SKIP
-    >>> instruct = add_qformer_instruction_input(vlm, "outputs/stage1-builtin")  # doctest: +SKIP
-    >>> instruct.config.use_qformer_text_input  # doctest: +SKIP
-    True
-    ```
-    """
-    from .modeling_qformer import QFormerModel
-    from .modeling_qformer_pretraining import QFormerForImageTextPretraining, _check_same_shape
-
-    if isinstance(stage1, (str, os.PathLike)):
-        stage1 = QFormerForImageTextPretraining.from_pretrained(stage1)
-    bridge = vlm.model.bridge
-    if not isinstance(bridge, QFormerModel):
-        raise ValueError(f"InstructBLIP mode needs a Q-Former bridge, this VLM has {type(bridge).__name__}.")
-    if vlm.config.use_qformer_text_input:
-        raise ValueError("This VLM's Q-Former already reads the instruction (use_qformer_text_input=True).")
-    config = vlm.config.__class__.from_dict(vlm.config.to_dict())
-    config.bridge_config.use_text_input = True
-    config.use_qformer_text_input = True
-    _check_same_shape(stage1.qformer.config, config.bridge_config)
-
-    instruct = type(vlm)(config).to(device=vlm.device, dtype=vlm.dtype)
-    missing, unexpected = instruct.load_state_dict(vlm.state_dict(), strict=False)
-    prefix = "model.bridge."
-    if unexpected or any(not key.startswith(prefix) for key in missing):
-        raise ValueError(f"The VLM's weights do not fit its InstructBLIP copy: missing {missing}, extra {unexpected}.")
-    # The keys the copy misses are exactly the text branch; the stage-1 Q-Former has them under the same names.
-    source = stage1.qformer.state_dict()
-    text_branch = {key: source[key.removeprefix(prefix)] for key in missing}
-    instruct.load_state_dict(text_branch, strict=False)
-    logger.info(f"InstructBLIP mode: {len(text_branch)} text-branch tensors of the Q-Former from stage 1.")
-    return instruct.train(vlm.training)

@@ -1,8 +1,8 @@
 """The composite VLM: any vision tower -> bridge -> language projection -> any language model.
 
-Images reach the language model only through `<image>` placeholder tokens (ARCHITECTURE rule 1): the bridge's tokens
-are scattered into the placeholder positions of the input embeddings, so logits stay aligned one-to-one with
-`input_ids`, which TRL's fused LM head and the DPO loss rely on.
+Images reach the language model only through `<image>` placeholder tokens, never as prepended embeddings: the
+bridge's tokens are scattered into the placeholder positions of the input embeddings, so logits stay aligned
+one-to-one with `input_ids`, which TRL's fused LM head and the DPO loss rely on.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .bridge_utils import check_pixel_values, vision_tower_features
 from .compat import CACHE_KEY
 from .freezing import FreezingMixin
 from .from_pretrained_parts import from_vision_text_pretrained
-from .hub import SelfDescribingMixin, push_to_hub_with_processor
+from .saving import SelfDescribingMixin, push_to_hub_with_processor
 
 
 logger = logging.get_logger(__name__)
@@ -158,7 +158,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
     def __init__(self, config: BridgeVLMConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
-        # fp32 even when built under a bf16 / fp16 default dtype (`_from_config(..., dtype=...)`); see rule 4.
+        # fp32 even when built under a bf16 / fp16 default dtype (`_from_config(..., dtype=...)`): the bridge is fp32.
         self.bridge = AutoModel.from_config(config.bridge_config).float()
         self.language_model = AutoModel.from_config(config.text_config)
         embed_dim = self.language_model.get_input_embeddings().embedding_dim

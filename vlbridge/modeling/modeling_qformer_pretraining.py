@@ -16,7 +16,6 @@ LAVIS, each deliberate:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +30,8 @@ from ..configuration.configuration_qformer import QFormerConfig
 from ..configuration.configuration_qformer_pretraining import QFormerPretrainingConfig
 from . import stage1_losses as losses
 from .bridge_utils import check_pixel_values, vision_tower_features
-from .hub import SelfDescribingMixin
 from .modeling_qformer import QFormerModel
+from .saving import SelfDescribingMixin
 from .stage1_accumulation import AccumulationWindow, windowed_forward
 
 
@@ -196,7 +195,7 @@ class QFormerForImageTextPretraining(SelfDescribingMixin, PreTrainedModel):
         if config.freeze_vision_tower:
             self.vision_tower.requires_grad_(False)
         self.post_init()
-        # fp32 even when built under a bf16 / fp16 default dtype (ARCHITECTURE rule 4).
+        # fp32 even when built under a bf16 / fp16 default dtype: the bridge trains in fp32, cast at its boundaries.
         for name, _ in self._trainable_parts():
             getattr(self, name).float()
         self.temp.data = self.temp.data.float()
@@ -660,82 +659,5 @@ class QFormerForImageTextPretraining(SelfDescribingMixin, PreTrainedModel):
                     break
         return ids[:, 1:]
 
-    @classmethod
-    def from_bert(cls, bert, vision_config=None, vision_path=None, **kwargs) -> QFormerForImageTextPretraining:
-        """Stage-1 model whose Q-Former starts from BERT (LAVIS' initialisation); see
-        [`vlbridge.conversion.bert.pretraining_model_from_bert`] for the arguments."""
-        from ..conversion.bert import pretraining_model_from_bert
 
-        return pretraining_model_from_bert(bert, vision_config=vision_config, vision_path=vision_path, **kwargs)
-
-
-def load_qformer_into_vlm(vlm, qformer, include_vision_tower: bool = False):
-    """
-    Copies a stage-1 Q-Former into the bridge of a stage-2 [`BridgeVLMForConditionalGeneration`] /
-    [`BridgeVLMModel`] (BLIP-2's stage-1 -> stage-2 hand-off), dropping the text branch when the VLM's bridge has
-    none (`use_text_input=False`, BLIP-2's stage-2 layout).
-
-    Args:
-        vlm ([`BridgeVLMForConditionalGeneration`] or [`BridgeVLMModel`]):
-            The VLM; its bridge must be a [`QFormerModel`] of the same shape.
-        qformer ([`QFormerForImageTextPretraining`], [`QFormerModel`] or `str`):
-            The stage-1 model, its `.qformer`, or a directory holding either (saved with `save_pretrained`).
-        include_vision_tower (`bool`, *optional*, defaults to `False`):
-            Also copy the stage-1 vision tower (when it was trained in stage 1).
-
-    Returns:
-        The `vlm`, modified in place.
-
-    Example:
-
-    ```python
-    >>> model.qformer.save_pretrained("stage1-qformer")  # doctest: +SKIP
-    >>> load_qformer_into_vlm(vlm, "stage1-qformer")  # or load_qformer_into_vlm(vlm, model)  # doctest: +SKIP
-    ```
-    """
-    stage1 = qformer
-    if isinstance(qformer, (str, os.PathLike)):
-        stage1 = AutoModel.from_pretrained(qformer)
-    source = stage1.qformer if isinstance(stage1, QFormerForImageTextPretraining) else stage1
-    base = getattr(vlm, "model", vlm)
-    bridge = base.bridge
-    if not isinstance(bridge, QFormerModel) or not isinstance(source, QFormerModel):
-        raise ValueError("load_qformer_into_vlm copies a QFormerModel into a VLM whose bridge is a QFormerModel.")
-    _check_same_shape(source.config, bridge.config)
-    if isinstance(stage1, QFormerForImageTextPretraining):
-        if stage1.config.vision_feature_layer != base.config.vision_feature_layer:
-            raise ValueError(
-                f"The Q-Former was trained on vision layer {stage1.config.vision_feature_layer}, the VLM feeds layer "
-                f"{base.config.vision_feature_layer}: set the VLM config's vision_feature_layer to match."
-            )
-    elif include_vision_tower:
-        raise ValueError("include_vision_tower=True needs the whole stage-1 model, not only its Q-Former.")
-    wanted = bridge.state_dict().keys()
-    state = {k: v for k, v in source.state_dict().items() if k in wanted}
-    bridge.load_state_dict(state, strict=True)
-    if include_vision_tower:
-        base.vision_tower.load_state_dict(stage1.vision_tower.state_dict())
-    return vlm
-
-
-def _check_same_shape(source: QFormerConfig, target: QFormerConfig):
-    fields = (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "cross_attention_frequency",
-        "encoder_hidden_size",
-        "num_query_tokens",
-    )
-    if target.use_text_input:
-        if not source.use_text_input:
-            raise ValueError("The VLM's bridge has a text branch (use_text_input=True) but the Q-Former has none.")
-        fields += ("vocab_size", "max_position_embeddings")
-    different = {f: (getattr(source, f), getattr(target, f)) for f in fields}
-    different = {f: pair for f, pair in different.items() if pair[0] != pair[1]}
-    if different:
-        raise ValueError(f"The Q-Former and the VLM's bridge differ in (source, bridge): {different}.")
-
-
-__all__ = ["QFormerForImageTextPretraining", "QFormerLMHead", "QFormerPretrainingOutput", "load_qformer_into_vlm"]
+__all__ = ["QFormerForImageTextPretraining", "QFormerLMHead", "QFormerPretrainingOutput"]

@@ -1,28 +1,20 @@
-"""Training: staged freezing, collators, and the stage-1 trainer."""
+"""Training: the stage-1 trainer and its config, the collators of every stage, LoRA helpers, the LM text warm-up."""
 
-from ..modeling.freezing import FREEZE_STAGES, FreezingMixin
-from .collators import ImageTextCollator
-from .generative_eval import evaluate_generation
-from .lora import language_model_lora_config
-from .preference_eval import preference_accuracy, preference_answer_accuracy, preference_log_probs
+from .collators import CaptionCollator, ChatCollator, ImageTextCollator
+from .lora import LoraArguments, language_model_lora_config
 from .stage1_config import Stage1Config
-from .stage1_eval import evaluate_stage1
 from .stage1_trainer import Stage1Trainer
-from .vlm_collators import CaptionCollator, ChatCollator
+from .text_warmup import caption_context_texts, train_language_model_on_text
 
 
 __all__ = [
-    "FREEZE_STAGES",
     "CaptionCollator",
     "ChatCollator",
-    "FreezingMixin",
     "ImageTextCollator",
+    "LoraArguments",
     "Stage1Config",
     "Stage1Trainer",
-    "evaluate_generation",
-    "evaluate_stage1",
+    "caption_context_texts",
     "language_model_lora_config",
-    "preference_accuracy",
-    "preference_answer_accuracy",
-    "preference_log_probs",
+    "train_language_model_on_text",
 ]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 
-# Module paths inside `BridgeVLMForConditionalGeneration`; they are the fixed names of ARCHITECTURE.md.
+# Module paths inside `BridgeVLMForConditionalGeneration`: checkpoint keys and LoRA anchors, fixed once chosen.
 LANGUAGE_MODEL_PATH = "model.language_model"
 BRIDGE_MODULE_PATHS = ("model.bridge", "model.language_projection")
 

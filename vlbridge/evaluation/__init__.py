@@ -1,0 +1,24 @@
+"""
+Evaluation of trained models: held-out generation (captions with CIDEr / BLEU-4, answers with VQA accuracy),
+preference accuracy of chosen over rejected answers, stage-1 retrieval and ITM, and the metric tables runs print.
+The metrics themselves are `evaluate` modules in `vlbridge.metrics`.
+"""
+
+from .generation import evaluate_generation
+from .preference import preference_accuracy, preference_answer_accuracy, preference_log_probs
+from .retrieval import ImageTextRetriever, retrieval_metrics, retrieve
+from .stage1 import evaluate_stage1
+from .tables import format_metric_table
+
+
+__all__ = [
+    "ImageTextRetriever",
+    "evaluate_generation",
+    "evaluate_stage1",
+    "format_metric_table",
+    "preference_accuracy",
+    "preference_answer_accuracy",
+    "preference_log_probs",
+    "retrieval_metrics",
+    "retrieve",
+]
