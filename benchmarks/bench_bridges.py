@@ -22,7 +22,7 @@ ratio is against the Q-Former at 1 tile in the same stage. On a machine shared w
 also counts the waits for a core, so the table gives this process's CPU seconds per step too.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_bridges.py                 # 224 px tiles, 5 rounds (a few minutes)
-    python benchmarks/bench_bridges.py --stages align --repeats 9
+    python benchmarks/bench_bridges.py --stages stage2 --repeats 9
     python benchmarks/bench_bridges.py --device cuda --batch-size 16
     python benchmarks/bench_bridges.py --quick                           # tiny sizes, 2 rounds: a smoke test (tests/)
 """
@@ -134,7 +134,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny models and 2 rounds: checks the code path only")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per stage (5; quick 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per stage")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of align,finetune")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of stage2,finetune")
     parser.add_argument("--bridges", default=",".join(BRIDGES), help="comma-separated subset of qformer,perceiver,mlp")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (2)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -178,6 +178,11 @@ def check_vlbridge(argv: list[str]) -> None:
     from vlbridge import cli
 
     argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the deprecation line of an earlier command name
+            argv = cli._deprecated(argv)
+    except ValueError as error:
+        raise ParseError(str(error)) from None
     if argv and argv[0] in cli.TRAINING_COMMANDS:
         rest = argv[1:]
         if not any(arg == "--config" or arg.startswith("--config=") for arg in rest):
@@ -260,7 +265,8 @@ def check_program(words: list[str]) -> None:
         from vlbridge import cli
 
         command = next((word for word in words[1:] if not word.startswith("-")), None)
-        if command not in cli.build_parser().commands:
+        # `vlbridge pretrain` and `vlbridge train --stage <name>`: earlier names, still accepted with a warning
+        if command not in {*cli.build_parser().commands, *cli.RENAMED_COMMANDS, "train"}:
             raise ParseError(f"no command {command!r}")
         return
     script = next((word for word in words[1:] if word.endswith(".py")), None)
