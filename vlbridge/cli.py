@@ -106,8 +106,9 @@ def _script_description(purpose: str, preset: str, example: str, data: str) -> s
 def run_script(command: str, argv: list[str]) -> int:
     """Runs `vlbridge.scripts.<command>` on `argv`, with `--config <its preset>` unless `argv` names one."""
     preset, purpose, example, data = TRAINING_COMMANDS[command]
-    script = importlib.import_module(f"vlbridge.scripts.{command}")
-    parser = script.make_parser()
+    from .scripts.utils import run_script
+
+    parser = importlib.import_module(f"vlbridge.scripts.{command}").make_parser()
     parser.prog = f"vlbridge {command}"
     parser.description = _script_description(purpose, preset, example, data)
     parser.formatter_class = _HelpFormatter
@@ -115,7 +116,7 @@ def run_script(command: str, argv: list[str]) -> int:
     if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
         argv = ["--config", preset, *argv]
     # The parser (TRL's TrlParser) makes the preset's values its defaults: `--help` shows what a run really uses.
-    script.run(argv, parser=parser)
+    run_script(command, argv, parser)
     return 0
 
 

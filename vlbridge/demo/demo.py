@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from ..scripts.utils import RecipeResult, resolve_preset
+from ..scripts.utils import ScriptResult, resolve_preset, run_script
 
 
 STAGES = {
@@ -36,7 +36,7 @@ STAGES = {
 }
 REPORT_DEFAULTS = {"num_examples": 8, "questions_per_image": 2, "retrieval_top_k": 4}
 SECTIONS = ("shared", *STAGES, "report", "fast")
-# The rows of the printed table: stage -> (label, recipe metric).
+# The rows of the printed table: stage -> (label, script metric).
 TABLE_ROWS = {
     "stage1": [("R@1 image->text", "i2t_r1"), ("R@1 text->image", "t2i_r1"), ("ITM accuracy", "itm_accuracy")],
     "stage2": [("CIDEr", "cider"), ("BLEU-4", "bleu4")],
@@ -57,13 +57,13 @@ class DemoResult:
 
     Args:
         table (`dict[str, dict[str, float]]`): The printed metric table: stage -> label -> value.
-        stages (`dict[str, RecipeResult]`): Each stage's full metrics, checkpoint folder and training log.
+        stages (`dict[str, ScriptResult]`): Each stage's full metrics, checkpoint folder and training log.
         report (`Path`): The report page.
         seconds (`float`): Wall time of the whole run.
     """
 
     table: dict
-    stages: dict[str, RecipeResult] = field(default_factory=dict)
+    stages: dict[str, ScriptResult] = field(default_factory=dict)
     report: Path | None = None
     seconds: float = 0.0
 
@@ -112,7 +112,7 @@ def load_demo_config(
         overrides (`list[tuple]`, *optional*): `(section, key, value)`; section `shared` sets every stage.
 
     Returns:
-        `(stages, report)`: stage name -> recipe preset values, and the report's settings.
+        `(stages, report)`: stage name -> script preset values, and the report's settings.
 
     Example:
 
@@ -168,10 +168,8 @@ def _header(index: int, stage: str, settings: dict) -> str:
     return f"[{index}/{len(STAGES)}] {STAGES[stage][1]}: {budget}{steps} steps -> {settings['output_dir']}"
 
 
-def run_stages(stages: dict[str, dict], output_dir: Path) -> tuple[dict[str, RecipeResult], dict[str, float]]:
+def run_stages(stages: dict[str, dict], output_dir: Path) -> tuple[dict[str, ScriptResult], dict[str, float]]:
     """Runs the four training scripts in order on their written presets; returns their results and wall times."""
-    import importlib
-
     from transformers import set_seed
 
     results, seconds = {}, {}
@@ -181,15 +179,14 @@ def run_stages(stages: dict[str, dict], output_dir: Path) -> tuple[dict[str, Rec
         path.write_text(yaml.safe_dump(settings, sort_keys=False))
         print(f"\n{_header(index, stage, settings)}", flush=True)
         start = time.perf_counter()
-        script = importlib.import_module(f"..scripts.{STAGES[stage][0]}", __package__)
         # The scripts build their models before the Trainer seeds: seed first, so that the demo is reproducible.
         set_seed(settings.get("seed", 42))
-        results[stage] = script.run(["--config", str(path)])
+        results[stage] = run_script(STAGES[stage][0], ["--config", str(path)])
         seconds[stage] = time.perf_counter() - start
     return results, seconds
 
 
-def metric_table(results: dict[str, RecipeResult], seconds: dict[str, float]) -> dict[str, dict]:
+def metric_table(results: dict[str, ScriptResult], seconds: dict[str, float]) -> dict[str, dict]:
     """The printed table: the headline metric(s) of each stage, its last logged training loss and its wall time."""
     table = {}
     for stage, result in results.items():

@@ -10,13 +10,13 @@ from ..data.synthetic_vqa import write_questions
 from ..evaluation.stage1 import retrieval_caption
 from ..processing.image_utils import to_rgb_image
 from ..scripts.inference import answer_questions, caption_images, held_out_images, load_checkpoint, rank_matches
-from ..scripts.utils import RecipeResult
+from ..scripts.utils import ScriptResult
 from .render import HeldOutExample, RetrievalExample, render_report
 
 
 def held_out_examples(
-    stage2: RecipeResult,
-    sft: RecipeResult,
+    stage2: ScriptResult,
+    sft: ScriptResult,
     settings: dict,
     num_examples: int,
     questions_per_image: int,
@@ -27,8 +27,8 @@ def held_out_examples(
     below it) and the SFT model's answers to `questions_per_image` questions about each (marked right or wrong).
 
     Args:
-        stage2 ([`RecipeResult`]): The stage-2 run (its checkpoint folder).
-        sft ([`RecipeResult`]): The SFT run.
+        stage2 ([`ScriptResult`]): The stage-2 run (its checkpoint folder).
+        sft ([`ScriptResult`]): The SFT run.
         settings (`dict`): The stage-2 preset values (image size, seed, objects and captions per image).
         num_examples (`int`): Images in the grid.
         questions_per_image (`int`): Questions per image (of different types).
@@ -61,7 +61,7 @@ def held_out_examples(
     return examples
 
 
-def retrieval_example(stage1: RecipeResult, settings: dict, top_k: int) -> RetrievalExample:
+def retrieval_example(stage1: ScriptResult, settings: dict, top_k: int) -> RetrievalExample:
     """
     Text-to-image retrieval with the stage-1 model over its held-out images: the first image's "positions" caption
     (the one held-out R@1 is measured with) as the query, and the `top_k` images by ITM-re-ranked score.
@@ -91,7 +91,7 @@ def retrieval_example(stage1: RecipeResult, settings: dict, top_k: int) -> Retri
 def write_report(
     output_dir: Path,
     stages: dict[str, dict],
-    results: dict[str, RecipeResult],
+    results: dict[str, ScriptResult],
     table: dict[str, dict],
     settings: dict,
     rng: random.Random,
@@ -102,7 +102,7 @@ def write_report(
     Args:
         output_dir (`Path`): The demo's output folder.
         stages (`dict[str, dict]`): Stage -> the preset values it ran with.
-        results (`dict[str, RecipeResult]`): Stage -> its result.
+        results (`dict[str, ScriptResult]`): Stage -> its result.
         table (`dict[str, dict]`): The metric table.
         settings (`dict`): The report's settings (`num_examples`, `questions_per_image`, `retrieval_top_k`).
         rng (`random.Random`): Which questions the grid asks.

@@ -485,7 +485,7 @@ def make_self_describing(output_dir: str | Path) -> dict[str, str]:
     """
     What `save_pretrained` of a vlbridge model adds to the folder it wrote: `auto_map` and `vlbridge_auto.py`
     ([`add_auto_map`]), and a model card ([`write_model_card`], stage and metrics "not recorded") unless the folder
-    already has a `README.md` (a richer card from [`describe_checkpoint`], which the training recipes call next and
+    already has a `README.md` (a richer card from [`describe_checkpoint`], which the training scripts call next and
     which overwrites this one). Cheap: it reads JSON files and the safetensors headers, never the weights.
 
     Args:

@@ -1,7 +1,8 @@
 """
 The training scripts behind the `vlbridge` command and `examples/`, one module per method, in the shape of TRL's
-`trl/scripts/`: each has its argument dataclasses, `make_parser()`, `main(script_args, training_args, model_args)`
-and `run(argv)` (parse, then `main`), and a default preset in `vlbridge/scripts/presets/`.
+`trl/scripts/`: each has its argument dataclasses, `make_parser()` and `main(script_args, training_args, model_args)`,
+runs as `python -m vlbridge.scripts.<name>`, and has a default preset in `vlbridge/scripts/presets/`
+(`vlbridge.scripts.utils.run_script(name, argv)` parses and runs one).
 
 | module | method | `vlbridge` command | default preset |
 | --- | --- | --- | --- |

@@ -16,7 +16,6 @@ generation gives the chosen answer (a run can win log-prob margins and still bre
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 from trl import DPOConfig, DPOTrainer
@@ -30,8 +29,8 @@ from ..trainers.distributed import close_process_group
 from ..trainers.lora import LoraArguments
 from .utils import (
     OUTSIDE_PATHS_HELP,
-    RecipeResult,
     ScriptParser,
+    ScriptResult,
     VLMModelArguments,
     check_decoder_only_language_model,
     dataset_help,
@@ -124,12 +123,12 @@ def print_preference_accuracy(
         print(line)
 
 
-def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: VLMModelArguments) -> RecipeResult:
+def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: VLMModelArguments) -> ScriptResult:
     """
     Runs the script on the parsed arguments (what [`make_parser`] returns, in that order).
 
     Returns:
-        [`~vlbridge.scripts.utils.RecipeResult`]: the metrics, the merged model's folder and the training log.
+        [`~vlbridge.scripts.utils.ScriptResult`]: the metrics, the merged model's folder and the training log.
 
     Example:
 
@@ -182,16 +181,11 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     log_history = list(trainer.state.log_history)
     del trainer, model
     close_process_group()
-    return RecipeResult(metrics, os.path.join(output_dir, "merged"), log_history)
+    return ScriptResult(metrics, os.path.join(output_dir, "merged"), log_history)
 
 
-def run(argv: list[str] | None = None, parser: ScriptParser | None = None) -> RecipeResult:
-    """Parses `argv` (default `sys.argv[1:]`) with [`make_parser`] (or a customised `parser`), then runs [`main`]."""
-    return main(*(parser or make_parser()).parse_args_and_config(sys.argv[1:] if argv is None else argv))
-
-
-__all__ = ["DPOScriptArguments", "PreferenceDataArguments", "held_out_pairs", "main", "make_parser", "run"]
+__all__ = ["DPOScriptArguments", "PreferenceDataArguments", "held_out_pairs", "main", "make_parser"]
 
 
 if __name__ == "__main__":
-    run()
+    main(*make_parser().parse_args_and_config())

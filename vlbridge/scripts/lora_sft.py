@@ -10,7 +10,6 @@ and `examples/lora_sft.py` (whose docstring explains the data and the arguments)
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 from trl import SFTConfig, SFTTrainer
@@ -23,8 +22,8 @@ from ..trainers.lora import LoraArguments
 from .dpo import print_preference_accuracy, save_merged
 from .utils import (
     ChatDataArguments,
-    RecipeResult,
     ScriptParser,
+    ScriptResult,
     VLMModelArguments,
     check_decoder_only_language_model,
     load_model_and_processor,
@@ -73,12 +72,12 @@ def safety_data(data_args: ChatDataArguments, safety_args: SafetyDataArguments):
     return chats["train"].select_columns(["messages", "images"]), held_out["test"]
 
 
-def main(script_args: LoraSFTScriptArguments, training_args: SFTConfig, model_args: VLMModelArguments) -> RecipeResult:
+def main(script_args: LoraSFTScriptArguments, training_args: SFTConfig, model_args: VLMModelArguments) -> ScriptResult:
     """
     Runs the script on the parsed arguments (what [`make_parser`] returns, in that order).
 
     Returns:
-        [`~vlbridge.scripts.utils.RecipeResult`]: the metrics, the merged model's folder and the training log.
+        [`~vlbridge.scripts.utils.ScriptResult`]: the metrics, the merged model's folder and the training log.
 
     Example:
 
@@ -129,16 +128,11 @@ def main(script_args: LoraSFTScriptArguments, training_args: SFTConfig, model_ar
     log_history = list(trainer.state.log_history)
     del trainer, model
     close_process_group()
-    return RecipeResult(metrics, merged, log_history)
+    return ScriptResult(metrics, merged, log_history)
 
 
-def run(argv: list[str] | None = None, parser: ScriptParser | None = None) -> RecipeResult:
-    """Parses `argv` (default `sys.argv[1:]`) with [`make_parser`] (or a customised `parser`), then runs [`main`]."""
-    return main(*(parser or make_parser()).parse_args_and_config(sys.argv[1:] if argv is None else argv))
-
-
-__all__ = ["LoraSFTScriptArguments", "SafetyDataArguments", "main", "make_parser", "run", "safety_data"]
+__all__ = ["LoraSFTScriptArguments", "SafetyDataArguments", "main", "make_parser", "safety_data"]
 
 
 if __name__ == "__main__":
-    run()
+    main(*make_parser().parse_args_and_config())

@@ -10,7 +10,6 @@ behind `vlbridge sft` and `examples/sft.py`.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from transformers import Trainer, TrainingArguments
@@ -23,8 +22,8 @@ from ..trainers import ChatCollator
 from ..trainers.distributed import close_process_group
 from .utils import (
     ChatDataArguments,
-    RecipeResult,
     ScriptParser,
+    ScriptResult,
     VLMModelArguments,
     builtin_chat_dataset,
     finish_training,
@@ -77,12 +76,12 @@ def evaluate_vqa(model, processor, train, data_args: ChatDataArguments, training
 
 def main(
     script_args: SFTScriptArguments, training_args: TrainingArguments, model_args: VLMModelArguments
-) -> RecipeResult:
+) -> ScriptResult:
     """
     Runs the script on the parsed arguments (what [`make_parser`] returns, in that order).
 
     Returns:
-        [`~vlbridge.scripts.utils.RecipeResult`]: the metrics, the checkpoint folder and the training log.
+        [`~vlbridge.scripts.utils.ScriptResult`]: the metrics, the checkpoint folder and the training log.
 
     Example:
 
@@ -120,16 +119,11 @@ def main(
     # Under accelerate / torchrun: every process waits here for the others, then the process group closes cleanly.
     del trainer, model
     close_process_group()
-    return RecipeResult(metrics, training_args.output_dir, log_history)
+    return ScriptResult(metrics, training_args.output_dir, log_history)
 
 
-def run(argv: list[str] | None = None, parser: ScriptParser | None = None) -> RecipeResult:
-    """Parses `argv` (default `sys.argv[1:]`) with [`make_parser`] (or a customised `parser`), then runs [`main`]."""
-    return main(*(parser or make_parser()).parse_args_and_config(sys.argv[1:] if argv is None else argv))
-
-
-__all__ = ["SFTScriptArguments", "evaluate_vqa", "main", "make_parser", "run"]
+__all__ = ["SFTScriptArguments", "evaluate_vqa", "main", "make_parser"]
 
 
 if __name__ == "__main__":
-    run()
+    main(*make_parser().parse_args_and_config())

@@ -12,16 +12,14 @@ whole; a shorter limit may cut them and misalign the images (see `tests/test_trl
 
 from __future__ import annotations
 
-import sys
-
 from trl import SFTConfig, SFTTrainer
 
 from ..data import chat_vocabulary
 from ..trainers.distributed import close_process_group
 from .utils import (
     ChatDataArguments,
-    RecipeResult,
     ScriptParser,
+    ScriptResult,
     VLMModelArguments,
     builtin_chat_dataset,
     check_decoder_only_language_model,
@@ -36,12 +34,12 @@ def make_parser() -> ScriptParser:
     return ScriptParser((ChatDataArguments, SFTConfig, VLMModelArguments))
 
 
-def main(script_args: ChatDataArguments, training_args: SFTConfig, model_args: VLMModelArguments) -> RecipeResult:
+def main(script_args: ChatDataArguments, training_args: SFTConfig, model_args: VLMModelArguments) -> ScriptResult:
     """
     Runs the script on the parsed arguments (what [`make_parser`] returns, in that order).
 
     Returns:
-        [`~vlbridge.scripts.utils.RecipeResult`]: the metrics, the checkpoint folder and the training log.
+        [`~vlbridge.scripts.utils.ScriptResult`]: the metrics, the checkpoint folder and the training log.
 
     Example:
 
@@ -71,16 +69,11 @@ def main(script_args: ChatDataArguments, training_args: SFTConfig, model_args: V
     # Under accelerate / torchrun: every process waits here for the others, then the process group closes cleanly.
     del trainer, model
     close_process_group()
-    return RecipeResult(metrics, training_args.output_dir, log_history)
+    return ScriptResult(metrics, training_args.output_dir, log_history)
 
 
-def run(argv: list[str] | None = None, parser: ScriptParser | None = None) -> RecipeResult:
-    """Parses `argv` (default `sys.argv[1:]`) with [`make_parser`] (or a customised `parser`), then runs [`main`]."""
-    return main(*(parser or make_parser()).parse_args_and_config(sys.argv[1:] if argv is None else argv))
-
-
-__all__ = ["main", "make_parser", "run"]
+__all__ = ["main", "make_parser"]
 
 
 if __name__ == "__main__":
-    run()
+    main(*make_parser().parse_args_and_config())

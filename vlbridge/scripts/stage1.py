@@ -14,7 +14,6 @@ its tokenizer, image processor and a model card (`stage1_metrics.json` beside th
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from ..modeling import QFormerForImageTextPretraining
 from ..processing import BridgeProcessor
 from ..trainers import ImageTextCollator, Stage1Config, Stage1Trainer
 from ..trainers.distributed import close_process_group
-from .utils import OUTSIDE_PATHS_HELP, RecipeResult, ScriptParser, dataset_help
+from .utils import OUTSIDE_PATHS_HELP, ScriptParser, ScriptResult, dataset_help
 
 
 @dataclass
@@ -199,12 +198,12 @@ def evaluate_and_save(trainer, held_out, collator, data_args: DataArguments, out
     return metrics
 
 
-def main(data_args: DataArguments, training_args: Stage1Config, model_args: ModelArguments) -> RecipeResult:
+def main(data_args: DataArguments, training_args: Stage1Config, model_args: ModelArguments) -> ScriptResult:
     """
     Trains, evaluates on the held-out images and saves; the arguments are what [`make_parser`] parses.
 
     Returns:
-        [`~vlbridge.scripts.utils.RecipeResult`]: the metrics, the checkpoint folder and the training log.
+        [`~vlbridge.scripts.utils.ScriptResult`]: the metrics, the checkpoint folder and the training log.
 
     Example:
 
@@ -240,16 +239,11 @@ def main(data_args: DataArguments, training_args: Stage1Config, model_args: Mode
     # Under torchrun: every process waits here for the others, then the process group closes cleanly.
     del trainer, model
     close_process_group()
-    return RecipeResult(metrics, training_args.output_dir, log_history)
+    return ScriptResult(metrics, training_args.output_dir, log_history)
 
 
-def run(argv: list[str] | None = None, parser: ScriptParser | None = None) -> RecipeResult:
-    """Parses `argv` (default `sys.argv[1:]`) with [`make_parser`] (or a customised `parser`), then runs [`main`]."""
-    return main(*(parser or make_parser()).parse_args_and_config(sys.argv[1:] if argv is None else argv))
-
-
-__all__ = ["DataArguments", "ModelArguments", "build_model", "load_data", "main", "make_parser", "run"]
+__all__ = ["DataArguments", "ModelArguments", "build_model", "load_data", "main", "make_parser"]
 
 
 if __name__ == "__main__":
-    run()
+    main(*make_parser().parse_args_and_config())

@@ -13,7 +13,6 @@ behind `vlbridge stage2` and `examples/stage2.py`.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from transformers import AutoImageProcessor, Trainer, TrainingArguments
@@ -30,8 +29,8 @@ from ..trainers.distributed import close_process_group
 from .tiny import tiny_text_config
 from .utils import (
     OUTSIDE_PATHS_HELP,
-    RecipeResult,
     ScriptParser,
+    ScriptResult,
     VLMModelArguments,
     dataset_help,
     finish_training,
@@ -216,12 +215,12 @@ def evaluate_captions(model, processor, data, stage2_args: Stage2Arguments, trai
 
 def main(
     script_args: Stage2ScriptArguments, training_args: TrainingArguments, model_args: VLMModelArguments
-) -> RecipeResult:
+) -> ScriptResult:
     """
     Runs the script on the parsed arguments (what [`make_parser`] returns, in that order).
 
     Returns:
-        [`~vlbridge.scripts.utils.RecipeResult`]: the metrics, the checkpoint folder and the training log.
+        [`~vlbridge.scripts.utils.ScriptResult`]: the metrics, the checkpoint folder and the training log.
 
     Example:
 
@@ -262,12 +261,7 @@ def main(
     # Under accelerate / torchrun: every process waits here for the others, then the process group closes cleanly.
     del trainer, model
     close_process_group()
-    return RecipeResult(metrics, training_args.output_dir, log_history)
-
-
-def run(argv: list[str] | None = None, parser: ScriptParser | None = None) -> RecipeResult:
-    """Parses `argv` (default `sys.argv[1:]`) with [`make_parser`] (or a customised `parser`), then runs [`main`]."""
-    return main(*(parser or make_parser()).parse_args_and_config(sys.argv[1:] if argv is None else argv))
+    return ScriptResult(metrics, training_args.output_dir, log_history)
 
 
 __all__ = [
@@ -276,10 +270,9 @@ __all__ = [
     "Stage2ScriptArguments",
     "main",
     "make_parser",
-    "run",
     "vlm_around_stage1",
 ]
 
 
 if __name__ == "__main__":
-    run()
+    main(*make_parser().parse_args_and_config())

@@ -32,7 +32,7 @@ TINY_BRIDGES = {
 
 def tiny_text_config(tokenizer) -> dict:
     """
-    The recipes' tiny language model: a 2-layer Llama of width 64 over `tokenizer`'s vocabulary.
+    The training scripts' tiny language model: a 2-layer Llama of width 64 over `tokenizer`'s vocabulary.
 
     Args:
         tokenizer ([`PreTrainedTokenizerBase`]): Gives the vocabulary size and the pad / BOS / EOS ids.

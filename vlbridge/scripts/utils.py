@@ -93,14 +93,42 @@ def resolve_preset(config: str | os.PathLike) -> Path:
     )
 
 
-@dataclass
-class RecipeResult:
+def run_script(script: str, argv: list[str] | None = None, parser: ScriptParser | None = None) -> ScriptResult:
     """
-    What a recipe's `run` returns; its `main` returns only `metrics`.
+    Runs the training script `vlbridge.scripts.<script>` on a command line, as `python -m vlbridge.scripts.<script>`
+    does: `main(*make_parser().parse_args_and_config(argv))`.
+
+    Args:
+        script (`str`): `"stage1"`, `"stage2"`, `"sft"`, `"sft_trl"`, `"lora_sft"` or `"dpo"`.
+        argv (`list[str]`, *optional*): The command line; defaults to `sys.argv[1:]`.
+        parser ([`ScriptParser`], *optional*): The script's `make_parser()`, customised (the `vlbridge` command sets
+            its program name and description).
+
+    Returns:
+        [`ScriptResult`]: The run's metrics, checkpoint folder and training log.
+
+    Example:
+
+    ```python
+    >>> from vlbridge.scripts.utils import run_script
+    >>> result = run_script("sft", ["--config", "sft_builtin", "--max_steps", "20"])  # doctest: +SKIP
+    ```
+    """
+    import importlib
+
+    module = importlib.import_module(f"{__package__}.{script}")
+    parsed = (parser or module.make_parser()).parse_args_and_config(sys.argv[1:] if argv is None else argv)
+    return module.main(*parsed)
+
+
+@dataclass
+class ScriptResult:
+    """
+    What a training script's `main` returns.
 
     Args:
         metrics (`dict[str, float]`): The metrics the run printed (training losses, held-out scores).
-        output_dir (`str`): The saved model the next stage starts from (for LoRA recipes, the merged model).
+        output_dir (`str`): The saved model the next stage starts from (for the LoRA scripts, the merged model).
         log_history (`list[dict]`): The trainer's `state.log_history` (losses per logging step, then a summary).
     """
 
@@ -162,9 +190,9 @@ def dataset_help(kind: str) -> str:
 
 def check_decoder_only_language_model(model, trainer: str = "SFT / DPO") -> None:
     """
-    Refuses a VLM whose language model is an encoder-decoder (T5) before a TRL trainer is built: TRL's `SFTTrainer`
-    and `DPOTrainer` feed one sequence through a causal LM, which an encoder-decoder cannot take (it fails deep in
-    T5 with "You must specify exactly one of input_ids or inputs_embeds"). The HF Trainer recipe with `ChatCollator`
+    Refuses a VLM whose language model is an encoder-decoder (T5) before a TRL trainer is built: TRL's `SFTTrainer` and
+    `DPOTrainer` feed one sequence through a causal LM, which an encoder-decoder cannot take (it fails deep in T5 with
+    "You must specify exactly one of input_ids or inputs_embeds"). `vlbridge sft` (the HF Trainer, `ChatCollator`)
     handles both kinds.
 
     Args:
@@ -189,7 +217,7 @@ def check_decoder_only_language_model(model, trainer: str = "SFT / DPO") -> None
 
 @dataclass
 class ChatDataArguments:
-    """The chat data of the SFT recipes: the built-in chats (`vlbridge.data.make_synthetic_chat`) or `--dataset`."""
+    """The chat data of the SFT scripts: the built-in chats (`vlbridge.data.make_synthetic_chat`) or `--dataset`."""
 
     dataset: str = field(default="builtin", metadata={"help": dataset_help("chats")})
     allow_outside_paths: bool = field(default=False, metadata={"help": OUTSIDE_PATHS_HELP})
@@ -205,7 +233,7 @@ class ChatDataArguments:
 
 @dataclass
 class VLMModelArguments:
-    """Which VLM the recipes train: a saved checkpoint, or the tiny VLM built in code (`vlbridge.scripts.tiny`)."""
+    """Which VLM a script trains: a saved checkpoint, or the tiny VLM built in code (`vlbridge.scripts.tiny`)."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved vlbridge checkpoint with its processor; unset builds a tiny VLM."}
@@ -333,7 +361,7 @@ def finish_training(
 __all__ = [
     "BRIDGES",
     "PRESETS_DIR",
-    "RecipeResult",
+    "ScriptResult",
     "ScriptParser",
     "ChatDataArguments",
     "VLMModelArguments",
@@ -344,4 +372,5 @@ __all__ = [
     "load_model_and_processor",
     "preset_names",
     "resolve_preset",
+    "run_script",
 ]
