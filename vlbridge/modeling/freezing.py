@@ -32,7 +32,22 @@ FREEZE_STAGES: dict[str, tuple[str, ...]] = {
 RENAMED_FREEZE_STAGES = {"align": "stage2"}
 
 
-class FreezingMixin:
+class FrozenVisionTowerMixin:
+    """
+    Keeps a frozen vision tower in eval mode (no dropout / drop-path), even after `model.train()`, as LAVIS'
+    `disabled_train` does: the one place where a model's `train()` knows about freezing. A model sets
+    `_frozen_vision_tower` when it freezes its tower ([`FreezingMixin.freeze`] for the VLM, the config's
+    `freeze_vision_tower` for the stage-1 model).
+    """
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and getattr(self, "_frozen_vision_tower", False):
+            getattr(self, "model", self).vision_tower.eval()
+        return self
+
+
+class FreezingMixin(FrozenVisionTowerMixin):
     """Adds [`~FreezingMixin.freeze`] to the composite VLM classes."""
 
     def _components(self) -> dict[str, nn.Module]:
@@ -144,12 +159,6 @@ class FreezingMixin:
         finally:
             tower.train(was_training)
         return [name for (name, _), grad in zip(parameters, grads) if grad is None]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode and getattr(self, "_frozen_vision_tower", False):
-            self._components()["vision_tower"].eval()
-        return self
 
 
 def _group_names(names: list[str]) -> list[str]:

@@ -30,6 +30,7 @@ from ..configuration.configuration_qformer import QFormerConfig
 from ..configuration.configuration_qformer_pretraining import QFormerPretrainingConfig
 from . import stage1_losses as losses
 from .bridge_utils import check_pixel_values, vision_tower_features
+from .freezing import FrozenVisionTowerMixin
 from .modeling_qformer import QFormerModel
 from .saving import SelfDescribingMixin
 from .stage1_accumulation import AccumulationWindow, windowed_forward
@@ -106,7 +107,7 @@ class QFormerLMHead(nn.Module):
         return self.decoder(self.LayerNorm(self.transform_act_fn(self.dense(hidden_states))))
 
 
-class QFormerForImageTextPretraining(SelfDescribingMixin, PreTrainedModel):
+class QFormerForImageTextPretraining(SelfDescribingMixin, FrozenVisionTowerMixin, PreTrainedModel):
     r"""
     BLIP-2's stage-1 model: a vision tower (frozen and in eval mode by default), a [`QFormerModel`] with its text
     branch, and the heads of its three objectives:
@@ -192,6 +193,8 @@ class QFormerForImageTextPretraining(SelfDescribingMixin, PreTrainedModel):
         self.temp = nn.Parameter(torch.tensor(config.temperature_init))
         if config.use_momentum_distillation:
             self._build_momentum_state()
+        # A frozen tower also stays in eval mode, whatever train() is called with (FrozenVisionTowerMixin).
+        self._frozen_vision_tower = config.freeze_vision_tower
         if config.freeze_vision_tower:
             self.vision_tower.requires_grad_(False)
         self.post_init()
@@ -256,12 +259,6 @@ class QFormerForImageTextPretraining(SelfDescribingMixin, PreTrainedModel):
             logger.warning("The checkpoint has no momentum encoders: initialising them as copies of the model.")
             model.copy_params()
         return (model, info) if want_info else model
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.config.freeze_vision_tower:
-            self.vision_tower.eval()  # LAVIS' `disabled_train`: no dropout / drop-path in a frozen tower
-        return self
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.qformer.get_input_embeddings()
