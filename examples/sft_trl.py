@@ -2,7 +2,7 @@
 
 TRL renders each chat with the processor's chat template and, with `assistant_only_loss=True`, trains only on the
 assistant's answers (the template marks them with `{% generation %}`). `max_length=None` keeps every image's tokens
-whole; a shorter limit may cut them and misalign the images (see `tests/test_trl_sft.py`).
+whole; a shorter limit may cut them and misalign the images (see `tests/scripts/test_trl_sft.py`).
 
     # built-in chats, a tiny VLM built in code (a few minutes on 2 CPU cores)
     python examples/sft_trl.py --config examples/configs/sft_trl_builtin.yaml

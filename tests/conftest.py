@@ -2,10 +2,10 @@ import os
 import sys
 
 
-# Tests never reach the Hub; the helpers in tiny.py build everything in-process.
+# Tests never reach the Hub; the helpers in tiny.py build everything in-process. tests/ itself is on the import path
+# (`pythonpath` in pyproject.toml), so tiny, helpers and script_loader import as top-level modules from every folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 import pytest  # noqa: E402

@@ -1,10 +1,7 @@
 """The `>>>` examples in the public docstrings run and print what they say."""
 
-import doctest
-import importlib
-import re
-
 import pytest
+from helpers import run_docstring_examples
 
 
 MODULES = [
@@ -39,20 +36,6 @@ MODULES = [
 ]
 
 
-class MarkdownDocTestParser(doctest.DocTestParser):
-    """HF docstrings fence their examples in ```python ... ```; the fences are not expected output."""
-
-    def parse(self, string, name="<string>"):
-        return super().parse(re.sub(r"^[ \t]*```.*$", "", string, flags=re.M), name)
-
-
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    module = importlib.import_module(name)
-    finder = doctest.DocTestFinder(parser=MarkdownDocTestParser())
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(module, module.__name__):
-        runner.run(test)
-    result = runner.summarize(verbose=False)
-    assert result.attempted > 0, f"{name} has no runnable example"
-    assert result.failed == 0
+    run_docstring_examples(name)  # fences stripped, ELLIPSIS and NORMALIZE_WHITESPACE (tests/helpers.py)

@@ -8,11 +8,10 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from test_report import coloured_share, screenshot
+from helpers import ROOT, coloured_share, screenshot
 from transformers import AutoModelForImageTextToText
 
 from vlbridge import BridgeVLMForConditionalGeneration
@@ -21,7 +20,6 @@ from vlbridge.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGE_DIRS = {"stage1": "stage1", "stage2": "stage2", "sft": "sft", "dpo": "dpo/merged"}
 
 
@@ -207,7 +205,7 @@ def test_training_commands_delegate_to_the_scripts(tmp_path, capsys):
 
 
 def test_convert_command(tmp_path, capsys):
-    from test_conversion import NUM_QUERY, make_source
+    from helpers import NUM_QUERY, make_source
 
     _, source_dir = make_source(tmp_path, "blip2", "opt")
     assert run_main(["convert", str(source_dir), str(tmp_path / "converted")]) == 0

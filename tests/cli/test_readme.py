@@ -3,10 +3,8 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def quick_start_commands() -> list[str]:
@@ -23,7 +21,7 @@ def test_readme_has_two_quick_start_commands_and_ci_runs_the_test_one():
 
 
 def test_cli_help_lists_demo():
-    # The demo itself runs in tests/test_cli.py (`vlbridge demo --fast`).
+    # The demo itself runs in tests/cli/test_cli.py (`vlbridge demo --fast`).
     result = subprocess.run([sys.executable, "-m", "vlbridge.cli", "--help"], capture_output=True, text=True)
     assert "demo" in result.stdout
 

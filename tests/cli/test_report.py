@@ -1,16 +1,13 @@
 """The run report: loss curves, held-out examples and a retrieval example as an HTML page with PNGs beside it,
 rendered in headless Chromium (Debian's `chromium` package; skipped without it), and the printed metric table."""
 
-import doctest
-import importlib
 import math
 import re
 import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import coloured_share, run_docstring_examples, screenshot
 from PIL import Image
 
 from vlbridge.data import make_synthetic_image_text, make_synthetic_vqa
@@ -121,52 +118,9 @@ def test_missing_parts_are_said_not_drawn(tmp_path):
         render_report(tmp_path, retrieval=RetrievalExample("q", [Image.new("RGB", (8, 8))], [0.3, 0.2]))
 
 
-class MarkdownDocTestParser(doctest.DocTestParser):
-    """HF docstrings fence their examples in ```python ... ```; the fences are not expected output."""
-
-    def parse(self, string, name="<string>"):
-        return super().parse(re.sub(r"^[ \t]*```.*$", "", string, flags=re.M), name)
-
-
 @pytest.mark.parametrize("name", ["vlbridge.demo.plots", "vlbridge.evaluation.tables", "vlbridge.demo.render"])
 def test_docstring_examples(name):
-    module = importlib.import_module(name)
-    parser = MarkdownDocTestParser()
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    for test in doctest.DocTestFinder(parser=parser).find(module, module.__name__):
-        runner.run(test)
-    result = runner.summarize(verbose=False)
-    assert result.attempted > 0 and result.failed == 0
-
-
-def screenshot(page: Path, out: Path, profile: Path) -> np.ndarray:
-    """Renders `page` in headless Chromium (isolated profile, no network services) and returns the RGB pixels."""
-    command = [
-        shutil.which("chromium"),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-        f"--screenshot={out}",
-        "--window-size=1200,1600",
-        page.resolve().as_uri(),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    assert out.exists(), f"chromium wrote no screenshot (exit {result.returncode}): {result.stderr[-2000:]}"
-    with Image.open(out) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def coloured_share(pixels: np.ndarray) -> float:
-    """Share of strongly coloured pixels: plot lines and the built-in shapes, never text, borders or background."""
-    spread = pixels.max(axis=-1).astype(int) - pixels.min(axis=-1).astype(int)
-    return float((spread > 100).mean())
+    run_docstring_examples(name)
 
 
 @pytest.mark.skipif(

@@ -13,8 +13,8 @@ from collections import Counter, defaultdict
 import datasets
 import numpy as np
 import pytest
+from helpers import TESTS, run_docstring_examples
 from PIL import Image
-from test_docstrings import test_docstring_examples as run_docstring_examples
 
 from vlbridge.data import (
     Scene,
@@ -73,7 +73,11 @@ def test_determinism_does_not_depend_on_the_hash_seed():
         "from test_data import fingerprint; from vlbridge.data import make_synthetic_image_text; "
         "print(fingerprint(make_synthetic_image_text({'train': 6, 'test': 3})))"
     )
-    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.path.dirname(__file__)}
+    env = {
+        **os.environ,
+        "PYTHONHASHSEED": "12345",
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), str(TESTS)]),
+    }
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == fingerprint(make_synthetic_image_text({"train": 6, "test": 3}))

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
+from helpers import run_docstring_examples
 from PIL import Image, ImageFile
-from test_docstrings import test_docstring_examples as run_docstring_examples
 
 from vlbridge.data import (
     LoadReport,

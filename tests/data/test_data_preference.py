@@ -1,13 +1,11 @@
 """Built-in post-training data: preference pairs with exactly one hallucination, refusal chats, two-image questions and
 large images with small objects; deterministic, held out by scene, and covered by the tokenizer vocabulary."""
 
-import doctest
-import importlib
 import re
 
 import pytest
 from datasets import Image, List
-from test_docstrings import MarkdownDocTestParser
+from helpers import run_doctests
 
 from vlbridge.data import (
     build_word_tokenizer,
@@ -265,15 +263,6 @@ def test_vocabularies_cover_every_word():
         tokenizer = build_word_tokenizer(words)
         unknown = [t for t in samples if tokenizer.unk_token_id in tokenizer(t, add_special_tokens=False).input_ids]
         assert not unknown, unknown[:3]
-
-
-def run_doctests(name: str) -> doctest.TestResults:
-    """The `>>>` examples of module `name`, run as tests/test_docstrings.py runs them."""
-    module = importlib.import_module(name)
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    for test in doctest.DocTestFinder(parser=MarkdownDocTestParser()).find(module, module.__name__):
-        runner.run(test)
-    return runner.summarize(verbose=False)
 
 
 @pytest.mark.parametrize("name", ["vlbridge.data.synthetic_preference", "vlbridge.data.synthetic_multi"])

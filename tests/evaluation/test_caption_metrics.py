@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_docstrings import test_docstring_examples as run_docstring_examples
+from helpers import ROOT, run_docstring_examples
 
 from vlbridge.metrics import (
     bleu,
@@ -260,7 +260,7 @@ def test_evaluate_modules_load_offline_and_match_the_functions():
 
 def test_every_metric_module_is_shipped_as_package_data():
     # The module folders hold no `__init__.py`, so only `package_data` puts them into a wheel.
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     config = configparser.ConfigParser()
     config.read(root / "setup.cfg")
     patterns = config["options.package_data"]["vlbridge.metrics"].split()

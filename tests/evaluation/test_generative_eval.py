@@ -3,7 +3,7 @@ on oracle outputs and drop on wrong ones, per-type VQA accuracy, and clear error
 
 import pytest
 import torch
-from test_vlm_collators import make_model, make_processor
+from helpers import make_model, make_processor
 
 from vlbridge.data import group_captions, make_synthetic_image_text, make_synthetic_vqa
 from vlbridge.evaluation import evaluate_generation

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_docstrings import test_docstring_examples as run_docstring_examples
+from helpers import run_docstring_examples
 
 from vlbridge.metrics import (
     best_relevant_rank,

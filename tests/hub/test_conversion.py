@@ -2,60 +2,15 @@
 
 import pytest
 import torch
-from tiny import BOS_ID, IMAGE_ID, PAD_ID, make_tokenizer, text_config
+from helpers import NUM_QUERY, make_source
+from tiny import BOS_ID, IMAGE_ID, PAD_ID
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    Blip2Processor,
-    BlipImageProcessor,
-    InstructBlipConfig,
-    InstructBlipForConditionalGeneration,
-    InstructBlipProcessor,
 )
 
 from vlbridge import BridgeProcessor, BridgeVLMForConditionalGeneration
 from vlbridge.conversion import convert_blip2_checkpoint
-
-
-NUM_QUERY = 4
-VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-)
-QFORMER = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    vocab_size=96,
-    max_position_embeddings=64,
-)
-
-
-def make_source(tmp_path, family: str, text: str):
-    torch.manual_seed(0)
-    common = dict(
-        vision_config=VISION,
-        qformer_config=QFORMER,
-        text_config=text_config(text).to_dict(),
-        num_query_tokens=NUM_QUERY,
-        image_token_index=IMAGE_ID,
-    )
-    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
-    tokenizer = make_tokenizer()
-    if family == "blip2":
-        source = Blip2ForConditionalGeneration(Blip2Config(**common))
-        processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=NUM_QUERY)
-    else:
-        source = InstructBlipForConditionalGeneration(InstructBlipConfig(**common))
-        processor = InstructBlipProcessor(image_processor, tokenizer, make_tokenizer(), num_query_tokens=NUM_QUERY)
-    for param in source.parameters():  # break the zero/one inits so a wrong mapping cannot hide
-        param.data.add_(torch.randn_like(param) * 0.02)
-    source_dir = tmp_path / "source"
-    source.save_pretrained(source_dir)
-    processor.save_pretrained(source_dir)
-    return source.eval(), source_dir
 
 
 def inputs(with_qformer_text: bool):

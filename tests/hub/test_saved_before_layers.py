@@ -6,16 +6,16 @@ Checkpoints saved before the package was laid out in layers (tests/fixtures/save
 
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from helpers import TESTS
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from vlbridge import BridgeProcessor, BridgeVLMForConditionalGeneration, QFormerForImageTextPretraining
 
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "saved_before_layers"
+FIXTURES = TESTS / "fixtures" / "saved_before_layers"
 
 
 def test_a_vlm_saved_before_the_move_loads_and_gives_the_same_logits():

@@ -2,8 +2,6 @@
 `auto_map`), processor and chat template, and a model card naming the stage, the data and the metrics; it loads with
 the Auto classes in a fresh process after `import vlbridge`, and with `trust_remote_code=True` without that import."""
 
-import doctest
-import importlib
 import json
 import os
 import re
@@ -13,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import run_docstring_examples
 from tiny import (
     make_images,
     make_tokenizer,
@@ -205,20 +204,8 @@ def test_adapter_and_foreign_checkpoints_get_a_card_but_no_auto_map(tmp_path):
     assert not (tmp_path / AUTO_MAP_FILE).exists()
 
 
-class MarkdownDocTestParser(doctest.DocTestParser):
-    """HF docstrings fence their examples in ```python ... ```; the fences are not expected output."""
-
-    def parse(self, string, name="<string>"):
-        return super().parse(re.sub(r"^[ \t]*```.*$", "", string, flags=re.M), name)
-
-
 def test_hub_docstring_examples():
-    module = importlib.import_module("vlbridge.modeling.saving")
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    for test in doctest.DocTestFinder(parser=MarkdownDocTestParser()).find(module, module.__name__):
-        runner.run(test)
-    result = runner.summarize(verbose=False)
-    assert result.attempted > 0 and result.failed == 0
+    run_docstring_examples("vlbridge.modeling.saving")
 
 
 def save_plainly(folder, model, processor_first: bool) -> None:

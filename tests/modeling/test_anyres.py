@@ -342,7 +342,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_docstring_examples_run():
-    from test_docstrings import MarkdownDocTestParser
+    from helpers import MarkdownDocTestParser
 
     from vlbridge.processing import image_processing_anyres
 
@@ -357,7 +357,7 @@ def test_docstring_examples_run():
 def test_instructblip_qformer_text_reaches_every_tile():
     """InstructBLIP with any-res: the Q-Former text, one row per sample (the processor's) or one per image (the chat
     collator's), goes to every tile of every image of the sample; both give the same logits."""
-    from test_vlm_collators import make_qformer_tokenizer
+    from helpers import make_qformer_tokenizer
 
     proc = BridgeProcessor(
         image_processor(), make_tokenizer(), qformer_tokenizer=make_qformer_tokenizer(), num_image_tokens=N

@@ -72,8 +72,8 @@ def test_rejects_models_it_cannot_convert(stage1, trained_stage2):
 def test_sft_example_turns_a_stage2_model_into_instructblip(tmp_path):
     """`--instruct_from_stage1`: SFT starts from a BLIP-2 stage-2 checkpoint with the stage-1 text branch and
     tokenizer, trains with the instruction in the Q-Former, scores held-out VQA, and saves an InstructBLIP model."""
-    from script_loader import run_example
-    from test_examples import EXAMPLES, save_tiny_stage1
+    from helpers import save_tiny_stage1
+    from script_loader import EXAMPLES, run_example
     from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     save_tiny_stage1(tmp_path / "stage1")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from bridge_tester import BridgeTesterMixin
 from tiny import bridge_config, text_config, vision_config
 from transformers import LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -17,6 +18,19 @@ def make_model(seed: int = 0, **overrides) -> MLPProjectorModel:
     torch.manual_seed(seed)
     overrides = {"encoder_hidden_size": ENCODER_HIDDEN, "drop_cls_token": False, **overrides}
     return MLPProjectorModel(bridge_config("mlp", hidden_size=HIDDEN, **overrides)).eval()
+
+
+class TestMLPBridge(BridgeTesterMixin):
+    """The contract of every bridge (bridge_tester.py), for a 3-layer projector that drops the CLS feature: one token
+    per remaining feature."""
+
+    model_class = MLPProjectorModel
+    hidden_size, encoder_hidden_size = HIDDEN, ENCODER_HIDDEN
+    num_features, num_output_tokens = 10, 9
+    expected_parameters = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_3.weight", "linear_3.bias")
+
+    def make_model(self) -> MLPProjectorModel:
+        return make_model(num_layers=3, drop_cls_token=True)
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
@@ -91,33 +105,3 @@ def test_parity_with_transformers_llava_projector(drop_cls_token):
     # LLaVA's "default" feature selection drops the CLS feature before its projector.
     expected = theirs(image_embeds[:, 1:] if drop_cls_token else image_embeds)
     torch.testing.assert_close(ours(image_embeds).image_tokens, expected, atol=1e-6, rtol=1e-6)
-
-
-def test_save_and_load_are_bit_exact(tmp_path):
-    model = make_model(num_layers=3, drop_cls_token=True)
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").is_file()
-    loaded = MLPProjectorModel.from_pretrained(tmp_path).eval()
-    assert loaded.config.num_layers == 3 and loaded.config.drop_cls_token
-    state, loaded_state = model.state_dict(), loaded.state_dict()
-    assert state.keys() == loaded_state.keys()
-    assert all(torch.equal(state[key], loaded_state[key]) for key in state)
-    image_embeds = torch.randn(2, 10, ENCODER_HIDDEN)
-    assert torch.equal(loaded(image_embeds).image_tokens, model(image_embeds).image_tokens)
-
-
-def test_gradients_flow_to_every_layer_and_the_features():
-    model = make_model(num_layers=3).train()
-    image_embeds = torch.randn(2, 10, ENCODER_HIDDEN, requires_grad=True)
-    model(image_embeds).image_tokens.pow(2).mean().backward()
-    for name, param in model.named_parameters():
-        assert param.grad is not None and param.grad.abs().sum() > 0, name
-    assert image_embeds.grad is not None and image_embeds.grad.abs().sum() > 0
-
-
-def test_bf16_features_into_an_fp32_bridge():
-    model = make_model()
-    image_embeds = torch.randn(2, 10, ENCODER_HIDDEN).to(torch.bfloat16)
-    tokens = model(image_embeds).image_tokens
-    assert tokens.dtype == torch.float32 and model.linear_1.weight.dtype == torch.float32
-    torch.testing.assert_close(tokens, model(image_embeds.float()).image_tokens)

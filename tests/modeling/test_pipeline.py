@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_vlm_collators import chat_rows, make_model, make_processor
+from helpers import chat_rows, make_model, make_processor
 from transformers import pipeline
 
 

@@ -5,9 +5,9 @@ import doctest
 
 import pytest
 import torch
+from bridge_tester import BridgeTesterMixin
 from tiny import bridge_config
 from transformers import (
-    AutoModel,
     Blip2QFormerConfig,
     Blip2QFormerModel,
     InstructBlipQFormerConfig,
@@ -58,6 +58,30 @@ def perturb_params_(module: torch.nn.Module, seed: int = 0):
     with torch.no_grad():
         for param in module.parameters():
             param.add_(0.1 * torch.randn_like(param))
+
+
+class TestQFormerBridge(BridgeTesterMixin):
+    """The contract of every bridge (bridge_tester.py), for a Q-Former with its text branch: the inputs carry padded
+    text that attends with the queries (bidirectional), so the gradient check also covers the text embeddings and the
+    text FFNs, and save / load compares the text positions too."""
+
+    model_class = QFormerModel
+    hidden_size, encoder_hidden_size = 32, ENCODER_WIDTH
+    num_features, num_output_tokens, batch_size = NUM_FEATURES, 4, 3
+    expected_parameters = (
+        "query_tokens",
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "encoder.layer.0.crossattention.attention.key.weight",
+        "encoder.layer.1.intermediate.dense.weight",  # text FFN
+        "encoder.layer.1.intermediate_query.dense.weight",  # query FFN
+    )
+
+    def make_model(self) -> QFormerModel:
+        return make_model()
+
+    def make_inputs(self) -> dict:
+        return make_inputs(batch_size=self.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,33 +424,6 @@ def test_conversion_rejects_unknown_keys_and_copies_config():
 # ----------------------------------------------------------------------------------------------------------------
 # Serialisation, dtypes, embeddings, errors
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def test_save_and_load_bit_exact(tmp_path):
-    model = make_model()
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    loaded = QFormerModel.from_pretrained(tmp_path).eval()
-    assert loaded.state_dict().keys() == model.state_dict().keys()
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
-    inputs = make_inputs()
-    assert torch.equal(loaded(**inputs).last_hidden_state, model(**inputs).last_hidden_state)
-    auto_loaded = AutoModel.from_pretrained(tmp_path)  # registered by `vlbridge.modeling`
-    assert type(auto_loaded) is QFormerModel
-    assert torch.equal(auto_loaded.query_tokens, model.query_tokens)
-
-
-def test_bf16_image_embeds_into_fp32_qformer():
-    model = make_model()
-    inputs = make_inputs()
-    bf16 = inputs["image_embeds"].to(torch.bfloat16)
-    out = model(**{**inputs, "image_embeds": bf16})
-    assert out.last_hidden_state.dtype == torch.float32
-    reference = model(**{**inputs, "image_embeds": bf16.float()})
-    torch.testing.assert_close(out.last_hidden_state, reference.last_hidden_state, atol=0, rtol=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.isfinite(model(**{**inputs, "image_embeds": bf16}).last_hidden_state.float()).all()
 
 
 def test_load_in_bf16(tmp_path):

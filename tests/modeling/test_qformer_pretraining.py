@@ -1,9 +1,6 @@
 """Tests of BLIP-2 stage 1: `QFormerPretrainingConfig`, `QFormerForImageTextPretraining` (ITC / ITM / ITG, momentum
 distillation, captioning), the cross-process gathers, BERT initialisation and the hand-off to the stage-2 VLM."""
 
-import doctest
-import importlib
-import re
 import subprocess
 import sys
 import textwrap
@@ -11,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_docstring_examples
 from tiny import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, VOCAB_SIZE, bridge_config, text_config, vision_config
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, BertConfig, BertForMaskedLM, BertModel
@@ -763,11 +761,6 @@ def test_vlm_hand_off_rejects_mismatches():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class _MarkdownDocTestParser(doctest.DocTestParser):
-    def parse(self, string, name="<string>"):
-        return super().parse(re.sub(r"^[ \t]*```.*$", "", string, flags=re.M), name)
-
-
 @pytest.mark.parametrize(
     "name",
     [
@@ -777,9 +770,4 @@ class _MarkdownDocTestParser(doctest.DocTestParser):
     ],
 )
 def test_docstring_examples(name):
-    module = importlib.import_module(name)
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    for test in doctest.DocTestFinder(parser=_MarkdownDocTestParser()).find(module, module.__name__):
-        runner.run(test)
-    result = runner.summarize(verbose=False)
-    assert result.attempted > 0 and result.failed == 0
+    run_docstring_examples(name)

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import run_docstring_examples
 from PIL import Image
-from test_docstrings import test_docstring_examples as run_docstring_examples
 from tiny import (
     BOS_ID,
     IMAGE_ID,

@@ -1,8 +1,8 @@
 """Runs an example script as `__main__` and records what each optimizer step trained on; for
 `test_accelerate_launch.py`, not a test module itself.
 
-    python tests/accelerate_launch_worker.py RECORD.json examples/sft.py --config ... --output_dir ...
-    accelerate launch --config_file examples/accelerate/ddp_cpu.yaml tests/accelerate_launch_worker.py \
+    python tests/scripts/accelerate_launch_worker.py RECORD.json examples/sft.py --config ... --output_dir ...
+    accelerate launch --config_file examples/accelerate/ddp_cpu.yaml tests/scripts/accelerate_launch_worker.py \
         RECORD.json examples/sft.py --config ... --output_dir ...
 
 The script runs unchanged (`runpy`, with `sys.argv` set to its own command line). The only addition is a wrapper

@@ -1,7 +1,7 @@
 """A short, fully seeded stage-1 training run for `test_stage1_distributed.py`; not a test module itself.
 
-    python tests/distributed_stage1_worker.py OUT.json --batch_size 16
-    torchrun --nproc_per_node 2 tests/distributed_stage1_worker.py OUT.json --batch_size 8
+    python tests/scripts/distributed_stage1_worker.py OUT.json --batch_size 16
+    torchrun --nproc_per_node 2 tests/scripts/distributed_stage1_worker.py OUT.json --batch_size 8
 
 Trains a tiny ViT + Q-Former from scratch (dropout off) with [`Stage1Trainer`] on the built-in synthetic data, logging
 every step. The main process writes the log history and, for every optimizer step, the image ids of the global batch

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from helpers import ROOT
 
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
-WORKER = TESTS / "accelerate_launch_worker.py"
-ACCELERATE_CONFIG = REPO / "examples" / "accelerate" / "ddp_cpu.yaml"
+WORKER = Path(__file__).with_name("accelerate_launch_worker.py")  # beside this file
+ACCELERATE_CONFIG = ROOT / "examples" / "accelerate" / "ddp_cpu.yaml"
 STEPS = 4
 # Largest relative gap allowed between the two runs, for every logged loss and the gradient norm at every step.
 RTOL = 1e-5
@@ -104,8 +103,8 @@ def start(case: Case, tmp_path: Path, num_processes: int) -> tuple[subprocess.Po
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG)]
         launcher += ["--main_process_port", "0"]  # the config's two processes; accelerate picks a free port
     batch_size = case.batch_size * (2 // num_processes)
-    command = [*launcher, str(WORKER), str(record), str(REPO / "examples" / case.script)]
-    command += ["--config", str(REPO / "examples" / "configs" / case.preset), *case.overrides, "--seed", "0"]
+    command = [*launcher, str(WORKER), str(record), str(ROOT / "examples" / case.script)]
+    command += ["--config", str(ROOT / "examples" / "configs" / case.preset), *case.overrides, "--seed", "0"]
     command += ["--per_device_train_batch_size", str(batch_size), "--max_steps", str(STEPS), "--logging_steps", "1"]
     command += ["--save_strategy", "steps", "--save_steps", str(STEPS), "--save_only_model", "true"]
     command += ["--disable_tqdm", "true", "--output_dir", str(output_dir)]
@@ -113,7 +112,7 @@ def start(case: Case, tmp_path: Path, num_processes: int) -> tuple[subprocess.Po
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     log = open(tmp_path / f"{name}.log", "w")
     # Its own session: a run that hangs or outlives a failed test is ended with every process it started.

@@ -2,14 +2,13 @@
 base view, more tiles and tokens for any-res), and a tiny run trains and scores both (no accuracy asserted)."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from script_loader import load_script, unload_script
+from script_loader import EXAMPLES, load_script, unload_script
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "anyres_small_objects.py"
+EXAMPLE = EXAMPLES / "anyres_small_objects.py"
 CONFIG = EXAMPLE.parent / "configs" / "anyres_small_objects.yaml"
 
 pytestmark = pytest.mark.usefixtures("single_thread")

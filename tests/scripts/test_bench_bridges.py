@@ -2,13 +2,13 @@
 asserted)."""
 
 import math
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 from script_loader import load_script, unload_script
 
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_bridges.py"
+BENCHMARK = ROOT / "benchmarks" / "bench_bridges.py"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

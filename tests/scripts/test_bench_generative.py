@@ -1,14 +1,14 @@
 """benchmarks/bench_generative.py runs end to end in --quick mode and its parity checks hold (no timing asserted)."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 from script_loader import load_script, unload_script
 
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_generative.py"
+BENCHMARK = ROOT / "benchmarks" / "bench_generative.py"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -2,16 +2,14 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-from script_loader import load_script, run_example
+from helpers import save_tiny_stage1
+from script_loader import EXAMPLES, load_script, run_example
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 import vlbridge  # noqa: F401  (registers the vlbridge model and processor classes with the Auto* factories)
 
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -54,44 +52,6 @@ def test_stage1_example_runs_on_builtin_and_local_data(tmp_path, dataset):
     assert {"i2t_r1", "t2i_r1", "itm_accuracy", "itg_exact"} <= set(metrics)
     assert (tmp_path / "out" / "stage1_metrics.json").is_file()
     assert AutoModel.from_pretrained(tmp_path / "out").config.model_type == "vlbridge_qformer_pretraining"
-
-
-def save_tiny_stage1(directory: Path, with_processor: bool = True) -> None:
-    """A stage-1 model whose Q-Former has the tiny VLM's bridge sizes (its vision tower is CLIP-style, width 64),
-    with, as the stage-1 recipe saves them, an image processor and a word-level tokenizer."""
-    import torch
-    from transformers import CLIPImageProcessor
-
-    from vlbridge.data import build_word_tokenizer
-    from vlbridge.modeling import QFormerForImageTextPretraining, QFormerPretrainingConfig
-    from vlbridge.scripts.tiny import TINY_BRIDGES
-
-    bridge = {**TINY_BRIDGES["qformer"], "use_text_input": True, "vocab_size": 32, "max_position_embeddings": 16}
-    vision = {
-        "model_type": "vit",
-        "hidden_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
-        "image_size": 32,
-        "patch_size": 8,
-    }
-    torch.manual_seed(1)
-    config = QFormerPretrainingConfig(
-        vision_config=vision,
-        qformer_config=bridge,
-        embed_dim=16,
-        decoder_start_token_id=31,
-        pad_token_id=0,
-        eos_token_id=2,
-    )
-    QFormerForImageTextPretraining(config).save_pretrained(directory)
-    if with_processor:
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-            directory
-        )
-        words = ["what", "colour", "shape", "is", "are", "the", "red", "blue", "circle", "square", "?"]
-        build_word_tokenizer(words).save_pretrained(directory)
 
 
 @pytest.mark.parametrize("stage1", [None, "bridge", "around"])

@@ -7,9 +7,8 @@ import re
 
 import pytest
 import torch
-from script_loader import run_example
-from test_data_preference import run_doctests
-from test_vlm_collators import make_model, make_processor
+from helpers import assert_only_adapters_changed, make_model, make_processor, run_doctests
+from script_loader import EXAMPLES, run_example
 from tiny import make_images, sft_config
 
 from vlbridge import BridgeVLMForConditionalGeneration
@@ -159,39 +158,8 @@ def test_safety_lora_sft_trains_adapters_only(tmp_path):
     assert_only_adapters_changed(before, trainer.model, bridge_trained=True)
 
 
-def base_weights(peft_model) -> dict[str, torch.Tensor]:
-    """The frozen base weights of a PEFT-wrapped vlbridge model, under the vlbridge model's own parameter names."""
-    weights = {}
-    for name, parameter in peft_model.named_parameters():
-        if ".lora_" not in name and ".modules_to_save." not in name:
-            key = name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
-            weights[key] = parameter
-    return weights
-
-
-def assert_only_adapters_changed(before: dict, peft_model, bridge_trained: bool) -> None:
-    """Base weights (vision tower, language model, original bridge) bit-unchanged; every LoRA B changed from its zero
-    start; the trained bridge / projection copies changed iff `bridge_trained` (they exist only then)."""
-    base = base_weights(peft_model)
-    assert sorted(base) == sorted(before)
-    changed = [name for name, value in before.items() if not torch.equal(base[name], value)]
-    assert not changed, f"base weights changed: {changed}"
-    named = dict(peft_model.named_parameters())
-    lora_b = [p for n, p in named.items() if ".lora_B." in n]
-    assert lora_b and all(p.abs().sum() > 0 for p in lora_b), "a LoRA B matrix did not train"
-    copies = {n: p for n, p in named.items() if ".modules_to_save.default." in n}
-    assert bool(copies) == bridge_trained
-    if bridge_trained:
-        originals = {
-            n: before[n.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")] for n in copies
-        }
-        assert all(not torch.equal(p, originals[n]) for n, p in copies.items() if "language_projection" in n)
-        assert any(not torch.equal(p, originals[n]) for n, p in copies.items() if ".bridge." in n)
-
-
 def test_lora_sft_example_saves_an_adapter_and_a_merged_model(tmp_path):
     pytest.importorskip("trl")
-    from test_examples import EXAMPLES
     from transformers import AutoModelForImageTextToText
 
     argv = ["--config", str(EXAMPLES / "configs" / "sft_trl_builtin.yaml"), "--output_dir", str(tmp_path)]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from helpers import ROOT
 
 
 WORKER = Path(__file__).with_name("distributed_stage1_worker.py")
-REPO = WORKER.parent.parent
 LOSSES = ("loss", "loss_itc", "loss_itm", "loss_itg")
 # Largest absolute gap allowed between the two curves, for every logged loss at every step (see the test).
 TOLERANCE = 1e-5
@@ -27,7 +27,7 @@ def run_worker(tmp_path: Path, num_processes: int, batch_size: int) -> dict:
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     command = [*launcher, str(WORKER), str(output), "--batch_size", str(batch_size)]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)

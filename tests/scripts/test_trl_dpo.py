@@ -11,9 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from script_loader import run_example
-from test_lora import assert_only_adapters_changed
-from test_vlm_collators import make_model, make_processor
+from helpers import assert_only_adapters_changed, make_model, make_processor
+from script_loader import EXAMPLES, run_example
 from tiny import TRL_CPU_ARGS, sft_config
 
 from vlbridge import BridgeVLMForConditionalGeneration
@@ -170,7 +169,6 @@ def test_answer_accuracy_scores_what_the_model_says(preference_data):
 
 
 def test_dpo_example_saves_an_adapter_and_a_merged_model(tmp_path):
-    from test_examples import EXAMPLES
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     argv = ["--config", str(EXAMPLES / "configs" / "dpo_builtin.yaml"), "--output_dir", str(tmp_path)]

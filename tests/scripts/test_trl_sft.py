@@ -9,7 +9,7 @@ never cuts an image's tokens.
 import pytest
 import torch
 from datasets import Dataset
-from test_vlm_collators import chat_rows, decode, make_model, make_processor, spans, text_of
+from helpers import chat_rows, decode, make_model, make_processor, spans, text_of
 from tiny import IMAGE_ID, sft_config
 
 

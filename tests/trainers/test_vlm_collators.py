@@ -5,83 +5,35 @@ import re
 
 import pytest
 import torch
-from tiny import BOS_ID, EOS_ID, IMAGE_ID, vlm_config
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, SiglipImageProcessorPil, Trainer, TrainingArguments
+from helpers import (
+    NUM_IMAGE_TOKENS,
+    chat_rows,
+    decode,
+    make_chat_tokenizer,
+    make_model,
+    make_processor,
+    spans,
+    text_of,
+)
+from tiny import BOS_ID, IMAGE_ID
+from transformers import Trainer, TrainingArguments
 
-from vlbridge import BridgeVLMForConditionalGeneration
-from vlbridge.data import build_word_tokenizer, chat_vocabulary, make_synthetic_chat, make_synthetic_image_text
+from vlbridge.data import make_synthetic_chat, make_synthetic_image_text
 from vlbridge.processing import BridgeProcessor
 from vlbridge.trainers import CaptionCollator, ChatCollator
 
 
-WORDS = chat_vocabulary() + ["system", "user", "assistant", ":", "photo"]
 PROMPT = "a photo of"
-N = 4  # image tokens per image of the tiny Q-Former (num_query_tokens)
+N = NUM_IMAGE_TOKENS  # image tokens per image of the tiny Q-Former (num_query_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Builders
+# Builders (the tiny chat VLM, its processor and tokenizers: tests/helpers.py)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def make_tokenizer(kind: str = "llama") -> PreTrainedTokenizerFast:
-    """`llama`: <s> BOS, </s> EOS, <pad>; `opt`: BOS == EOS == </s>, as OPT's; `pad_is_eos`: Llama without pad."""
-    tokenizer = build_word_tokenizer(WORDS)
-    if kind == "llama":
-        return tokenizer
-    if kind == "pad_is_eos":
-        tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
-    backend = Tokenizer(models.WordLevel(tokenizer.get_vocab(), unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", EOS_ID)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="</s>",
-        eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-
-
-def make_qformer_tokenizer() -> PreTrainedTokenizerFast:
-    """BERT-like: [CLS] text [SEP], over the chat words."""
-    vocab = {word: i for i, word in enumerate(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-
-
-def make_processor(kind: str = "llama", qformer: bool = False) -> BridgeProcessor:
-    return BridgeProcessor(
-        SiglipImageProcessorPil(size={"height": 32, "width": 32}),
-        make_tokenizer(kind),
-        qformer_tokenizer=make_qformer_tokenizer() if qformer else None,
-        num_image_tokens=N,
-    )
-
-
-def make_model(text: str = "llama", seed: int = 0, **kwargs) -> BridgeVLMForConditionalGeneration:
-    torch.manual_seed(seed)
-    model = BridgeVLMForConditionalGeneration(vlm_config("clip", "qformer", text, **kwargs))
-    assert model.config.num_image_tokens == N
-    return model
 
 
 def caption_rows(n: int = 4) -> list[dict]:
     data = make_synthetic_image_text({"train": n}, image_size=32, captions_per_image=1)["train"]
-    return [data[i] for i in range(n)]
-
-
-def chat_rows(n: int = 6, **kwargs) -> list[dict]:
-    data = make_synthetic_chat({"train": n}, image_size=32, **kwargs)["train"]
     return [data[i] for i in range(n)]
 
 
@@ -93,26 +45,6 @@ def chat_rows(n: int = 6, **kwargs) -> list[dict]:
 def words(text: str) -> list[str]:
     """Tokens of the word-level tokenizer, as `decode` joins them back."""
     return re.findall(r"\w+|[^\w\s]+", text)
-
-
-def spans(labels: list[int]) -> list[tuple[int, int]]:
-    """The `[start, end)` runs of positions that carry loss."""
-    runs, start = [], None
-    for j, label in enumerate(list(labels) + [-100]):
-        if label != -100 and start is None:
-            start = j
-        elif label == -100 and start is not None:
-            runs.append((start, j))
-            start = None
-    return runs
-
-
-def decode(tokenizer, ids) -> str:
-    return tokenizer.decode([int(i) for i in ids])
-
-
-def text_of(message: dict) -> str:
-    return " ".join(entry["text"] for entry in message["content"] if entry["type"] == "text")
 
 
 def check_padding(batch, pad_id: int):
@@ -164,7 +96,7 @@ def test_caption_without_prompt_and_from_model(single_thread):
         [(start, end)] = spans(labels.tolist())
         assert start == 1 + N and ids[:start].tolist() == [BOS_ID] + [IMAGE_ID] * N
         assert decode(processor.tokenizer, labels[start:end]) == " ".join(words(row["caption"]) + ["</s>"])
-    mismatched = BridgeProcessor(processor.image_processor, make_tokenizer(), num_image_tokens=N + 1)
+    mismatched = BridgeProcessor(processor.image_processor, make_chat_tokenizer(), num_image_tokens=N + 1)
     with pytest.raises(ValueError, match="num_image_tokens=config.num_image_tokens"):
         CaptionCollator.from_model(make_model("opt"), mismatched)
 

@@ -504,8 +504,9 @@ class BridgeVLMForConditionalGeneration(SelfDescribingMixin, BridgeVLMPreTrained
 
     # The Trainer passes `num_items_in_batch`, the label tokens of the whole accumulation window on every process,
     # and forward divides the summed token losses by it: the loss is then the mean over all tokens of the global
-    # batch, however they are split over micro-batches and processes (tests/test_accelerate_launch.py). Without it,
-    # each micro-batch / process averaged its own tokens and the means were averaged again, off by up to 1e-2.
+    # batch, however they are split over micro-batches and processes (tests/scripts/test_accelerate_launch.py).
+    # Without it, each micro-batch / process averaged its own tokens and the means were averaged again, off by up to
+    # 1e-2.
     accepts_loss_kwargs = True
 
     def __init__(self, config: BridgeVLMConfig):

@@ -4,7 +4,7 @@ Supervised fine-tuning of a bridged VLM with TRL's `SFTTrainer`, on the built-in
 
 TRL renders each chat with the processor's chat template and, with `assistant_only_loss=True`, trains only on the
 assistant's answers (the template marks them with `{% generation %}`). `max_length=None` keeps every image's tokens
-whole; a shorter limit may cut them and misalign the images (see `tests/test_trl_sft.py`).
+whole; a shorter limit may cut them and misalign the images (see `tests/scripts/test_trl_sft.py`).
 
     vlbridge sft_trl --config sft_trl_builtin
     vlbridge sft_trl --config sft_trl_builtin --model_name_or_path outputs/my-vlm
