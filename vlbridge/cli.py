@@ -28,10 +28,25 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Descriptions keep their line breaks (examples), arguments show their defaults."""
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that knows the names of its options, which its `--config FILE` may set."""
+
+    def __init__(self, *args, **kwargs):
+        self.option_names: set[str] = set()  # before argparse's own __init__, which adds -h / --help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings:
+            self.option_names.add(action.dest)
+        return action
 
 
 # command (= the module in vlbridge.scripts) -> (default preset, one-line help, example, what --dataset takes)
@@ -247,7 +262,7 @@ INFERENCE_COMMANDS = ("caption", "retrieve", "eval", "convert")
 CONFIG_HELP = "A YAML file of this command's options (keys are the flag names); flags on the command line override it."
 
 
-def _apply_yaml_config(subparser: argparse.ArgumentParser, command: str, argv: list[str]) -> None:
+def _apply_yaml_config(subparser: _CommandParser, command: str, argv: list[str]) -> None:
     """For the commands without a preset: the options in `--config FILE` become the subcommand's defaults."""
     path = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
     if path is None and "--config" in argv[:-1]:
@@ -256,8 +271,8 @@ def _apply_yaml_config(subparser: argparse.ArgumentParser, command: str, argv: l
         return
     import yaml
 
-    options = {action.dest for action in subparser._actions if action.option_strings}
-    values = yaml.safe_load(open(path)) or {}
+    options = subparser.option_names
+    values = yaml.safe_load(Path(path).read_text()) or {}
     unknown = sorted(set(values) - options)
     if unknown:
         subparser.error(f"{path} sets {unknown}, which `vlbridge {command}` does not take ({sorted(options)}).")
@@ -289,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"vlbridge {__version__}")
     parser.add_argument("--debug", action="store_true", help="On an error, show the full traceback (any position).")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="<command>", parser_class=_CommandParser)
     commands = {"demo": _add_demo(subparsers)}
     for name, (_, purpose, _, _) in TRAINING_COMMANDS.items():
         # The script's own parser takes the flags (`run_script`); this entry gives the command its line in --help.
