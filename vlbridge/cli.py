@@ -244,11 +244,11 @@ def _add_inference(commands) -> dict[str, argparse.ArgumentParser]:
     convert = commands.add_parser(
         "convert",
         formatter_class=_HelpFormatter,
-        help="Convert a transformers BLIP-2 / InstructBLIP checkpoint.",
-        description="Converts a transformers BLIP-2 / InstructBLIP checkpoint (a folder or a Hub id holding a "
-        "Blip2ForConditionalGeneration\nor an InstructBlipForConditionalGeneration) into a vlbridge VLM with a "
-        "Q-Former bridge, and its processor.\nLogits and greedy generations match transformers' for the same "
-        "inputs.\n\n"
+        help="Convert a released checkpoint (transformers BLIP-2, InstructBLIP, ...) into a vlbridge one.",
+        description="Converts a released transformers checkpoint (a folder or a Hub id) into the vlbridge model of "
+        "its family, and its\nprocessor; the folder's config says which (vlbridge.conversion.CONVERTERS lists what is "
+        "accepted). BLIP-2 /\nInstructBLIP generation models become a VLM with a Q-Former bridge whose logits and "
+        "greedy generations match\ntransformers' for the same inputs.\n\n"
         "example:\n  vlbridge convert Salesforce/blip2-opt-2.7b outputs/blip2-opt-2.7b-vlbridge --dtype bfloat16",
     )
     convert.add_argument("source", help="The transformers checkpoint (folder or Hub id).")
@@ -403,15 +403,17 @@ def _evaluate(args) -> int:
 def _convert(args) -> int:
     import torch
 
-    from .conversion import convert_blip2_checkpoint
+    from .conversion import convert_checkpoint
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, processor = convert_blip2_checkpoint(args.source, args.destination, dtype=dtype)
+    model, processor = convert_checkpoint(args.source, args.destination, dtype=dtype)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     saved = "with its processor" if processor is not None else "without a processor (none found in the source)"
+    tokens = getattr(model.config, "num_image_tokens", None)
+    tokens = f"{tokens} image tokens, " if isinstance(tokens, int) else ""
     print(
-        f"converted {args.source} -> {args.destination}: {parameters:,} parameters, "
-        f"{model.config.num_image_tokens} image tokens, {saved}"
+        f"converted {args.source} -> {args.destination}: {type(model).__name__}, {parameters:,} parameters, "
+        f"{tokens}{saved}"
     )
     return 0
 

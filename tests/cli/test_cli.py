@@ -212,3 +212,14 @@ def test_convert_command(tmp_path, capsys):
     assert f"{NUM_QUERY} image tokens, with its processor" in capsys.readouterr().out
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "converted")
     assert type(model) is BridgeVLMForConditionalGeneration
+
+
+def test_convert_refuses_an_architecture_it_does_not_convert(tmp_path, capsys):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(
+        tmp_path / "bert"
+    )
+    assert main(["convert", str(tmp_path / "bert"), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "'bert' checkpoint" in error and "Blip2ForConditionalGeneration" in error, error

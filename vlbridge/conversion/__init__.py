@@ -1,7 +1,15 @@
-"""Conversion of transformers checkpoints into vlbridge models."""
+"""Conversion of released checkpoints into vlbridge models: [`convert_checkpoint`] dispatches on the source."""
 
 from .blip2 import convert_blip2_checkpoint
+from .dispatch import CONVERTERS, convert_checkpoint, source_architecture
 from .qformer import qformer_config_from_blip2, qformer_state_dict_from_blip2
 
 
-__all__ = ["convert_blip2_checkpoint", "qformer_config_from_blip2", "qformer_state_dict_from_blip2"]
+__all__ = [
+    "CONVERTERS",
+    "convert_blip2_checkpoint",
+    "convert_checkpoint",
+    "qformer_config_from_blip2",
+    "qformer_state_dict_from_blip2",
+    "source_architecture",
+]
