@@ -17,11 +17,17 @@ from transformers import AutoConfig
 CONVERTERS: dict[str, tuple[str, str]] = {
     "Blip2ForConditionalGeneration": ("blip2", "convert_blip2_checkpoint"),
     "InstructBlipForConditionalGeneration": ("blip2", "convert_blip2_checkpoint"),
+    "Blip2ForImageTextRetrieval": ("blip2_retrieval", "convert_blip2_retrieval_checkpoint"),
+    "Blip2Model": ("blip2_retrieval", "convert_blip2_qformer_checkpoint"),
+    "Blip2QFormerModel": ("blip2_retrieval", "convert_blip2_qformer_checkpoint"),
+    "LlavaForConditionalGeneration": ("llava", "convert_llava_checkpoint"),
 }
 # For a config that names no architecture: the architecture its `model_type` usually saves.
 DEFAULT_ARCHITECTURES = {
     "blip-2": "Blip2ForConditionalGeneration",
     "instructblip": "InstructBlipForConditionalGeneration",
+    "blip_2_qformer": "Blip2QFormerModel",
+    "llava": "LlavaForConditionalGeneration",
 }
 
 
