@@ -161,6 +161,23 @@ def test_collator_appends_eos_and_masks_padding(data):
     assert batch["image_ids"].tolist() == [splits["train"][i]["image_id"] for i in range(3)]
 
 
+def test_collator_gives_one_eos_when_the_tokenizer_adds_it(data, monkeypatch):
+    # BERT-style tokenizers (a converted BLIP-2 retrieval checkpoint) end every text with [SEP] = EOS already.
+    _, tokenizer, collator = data
+    eos = tokenizer.eos_token_id
+    plain = collator.tokenize(["a red circle"])["input_ids"][0].tolist()
+    call = type(tokenizer).__call__
+
+    def with_eos(self, text, **kwargs):
+        encoding = call(self, text, **kwargs)
+        encoding["input_ids"] = encoding["input_ids"] + [eos]
+        return encoding
+
+    monkeypatch.setattr(type(tokenizer), "__call__", with_eos)
+    doubled = collator.tokenize(["a red circle"])["input_ids"][0].tolist()
+    assert doubled == plain and plain[-1] == eos and plain.count(eos) == 1
+
+
 def test_short_run_learns_retrieval_and_captions():
     """From scratch, 100 steps on 32 single-object images: ITC falls and train retrieval is far above chance (1/32).
 

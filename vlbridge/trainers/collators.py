@@ -81,7 +81,15 @@ class ImageTextCollator:
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Captions as the model trains on them: BOS ... EOS, right-padded; `input_ids` and `attention_mask`."""
-        ids = [self.tokenizer(text).input_ids[: self.max_length - 1] + [self.tokenizer.eos_token_id] for text in texts]
+        eos = self.tokenizer.eos_token_id
+        ids = []
+        for text in texts:
+            tokens = self.tokenizer(text).input_ids
+            # A tokenizer that ends every text with EOS itself (BERT's [SEP] in a converted BLIP-2 checkpoint) gets
+            # one EOS, not two; the cut keeps EOS last either way.
+            if tokens[-1:] == [eos]:
+                tokens = tokens[:-1]
+            ids.append(tokens[: self.max_length - 1] + [eos])
         length = max(len(seq) for seq in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([seq + [pad] * (length - len(seq)) for seq in ids])  # (B, T)
