@@ -25,7 +25,6 @@ MODULES = [
     "vlbridge.data.user",
     "vlbridge.trainers.text_warmup",
     "vlbridge.metrics.metric_info",
-    "vlbridge.scripts.utils",
     "vlbridge.scripts.tiny",
     "vlbridge.scripts.stage1",
     "vlbridge.scripts.stage2",
@@ -33,6 +32,11 @@ MODULES = [
     "vlbridge.demo.demo",
     "vlbridge.scripts.inference",
     "vlbridge.cli",
+    "vlbridge.modeling.language_projection",
+    "vlbridge.modeling.qformer_features",
+    "vlbridge.modeling.modeling_qformer_zero_shot",
+    "vlbridge.conversion.llava",
+    "vlbridge.conversion.dispatch",
 ]
 
 

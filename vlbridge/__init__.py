@@ -1,7 +1,8 @@
 """vlbridge: vision-language models whose vision encoder reaches the language model through a learned bridge.
 
 Importing the package registers its configs, models and processor with the transformers Auto classes
-(`AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor`, `AutoImageProcessor`).
+(`AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoModelForZeroShotImageClassification`,
+`AutoProcessor`, `AutoImageProcessor`).
 """
 
 __version__ = "0.1.0"
@@ -22,9 +23,12 @@ from .modeling import (
     BridgeVLMPreTrainedModel,
     MLPProjectorModel,
     PerceiverResamplerModel,
+    QFormerFeaturesOutput,
     QFormerForImageTextPretraining,
+    QFormerForZeroShotImageClassification,
     QFormerModel,
     QFormerPretrainingOutput,
+    QFormerZeroShotOutput,
     load_qformer_into_vlm,
 )
 from .processing import BridgeAnyResImageProcessor, BridgeProcessor
@@ -58,10 +62,13 @@ __all__ = [
     "PerceiverResamplerConfig",
     "PerceiverResamplerModel",
     "QFormerConfig",
+    "QFormerFeaturesOutput",
     "QFormerForImageTextPretraining",
+    "QFormerForZeroShotImageClassification",
     "QFormerModel",
     "QFormerPretrainingConfig",
     "QFormerPretrainingOutput",
+    "QFormerZeroShotOutput",
     "language_model_lora_config",
     "load_qformer_into_vlm",
 ]

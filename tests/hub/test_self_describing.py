@@ -110,7 +110,10 @@ def test_every_checkpoint_carries_config_processor_and_card(checkpoints):
     root, metrics, saved = checkpoints
     assert set(metrics) == {"train_loss", "final_loss", "cider"}
     expected = {
-        "stage1": ("QFormerForImageTextPretraining", {"AutoConfig", "AutoModel", "AutoModelForPreTraining"}),
+        "stage1": (
+            "QFormerForImageTextPretraining",
+            {"AutoConfig", "AutoModel", "AutoModelForPreTraining", "AutoModelForZeroShotImageClassification"},
+        ),
         "vlm": ("BridgeVLMForConditionalGeneration", {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}),
     }
     for name, (architecture, auto_classes) in expected.items():

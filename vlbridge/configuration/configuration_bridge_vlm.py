@@ -88,6 +88,12 @@ class BridgeVLMConfig(PreTrainedConfig):
             Tie the LM head to the input embeddings; defaults to the text config's choice.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the language projection.
+        use_language_projection (`bool`, *optional*, defaults to `True`):
+            Put a `language_projection` Linear(bridge hidden size -> language model embedding width) after the
+            bridge. `False` feeds the bridge's tokens to the language model as they are (LLaVA-1.5, whose MLP
+            projector already ends at the LM's width): the model then has no `language_projection` module and its
+            checkpoints no `language_projection.*` keys, and the bridge's `hidden_size` must equal the LM's embedding
+            width.
 
     Example:
 
@@ -124,6 +130,7 @@ class BridgeVLMConfig(PreTrainedConfig):
     anyres_mask_padding: bool = True
     tie_word_embeddings: bool | None = None
     initializer_range: float = 0.02
+    use_language_projection: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -161,6 +168,29 @@ class BridgeVLMConfig(PreTrainedConfig):
             self._check_grid_pinpoints()
         self._check_image_token_id()
         check_vision_feature_layer(self.vision_feature_layer, self.vision_config)
+        if not self.use_language_projection:
+            self._check_bridge_width()
+
+    @property
+    def text_embed_width(self) -> int | None:
+        """Width of the language model's input embeddings, which the image tokens take (None if unknown).
+
+        OPT embeds at `word_embed_proj_dim`, which may differ from its `hidden_size`; T5's `hidden_size` is its
+        `d_model`."""
+        text_config = self.text_config
+        width = getattr(text_config, "word_embed_proj_dim", None) or getattr(text_config, "hidden_size", None)
+        return width if isinstance(width, int) else None
+
+    def _check_bridge_width(self) -> None:
+        # Without the projection nothing adapts the widths: a mismatch would only fail later, inside the scatter.
+        bridge_width, text_width = self.bridge_config.hidden_size, self.text_embed_width
+        if text_width is not None and bridge_width != text_width:
+            raise ValueError(
+                f"use_language_projection=False feeds the bridge's tokens straight to the language model, but the "
+                f"bridge's hidden_size is {bridge_width} and the language model ('{self.text_config.model_type}') "
+                f"embeds at width {text_width}: set bridge_config hidden_size={text_width}, or keep "
+                "use_language_projection=True to map one width to the other."
+            )
 
     def _check_image_token_id(self) -> None:
         # None stays buildable: transformers builds `BridgeVLMConfig()` itself (e.g. in `to_diff_dict`); a forward

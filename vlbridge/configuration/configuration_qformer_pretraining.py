@@ -68,6 +68,10 @@ class QFormerPretrainingConfig(PreTrainedConfig):
             Standard deviation of the normal initialisation of the projections and heads.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Tie the ITG decoder to the Q-Former's word embeddings (as BERT's LM head is).
+        zero_shot_use_itm (`bool`, *optional*, defaults to `False`):
+            `True`: [`QFormerForZeroShotImageClassification`] (the `zero-shot-image-classification` pipeline)
+            re-ranks every label with ITM unless its `forward` gets `use_itm=False`: the scores are the ITM "match"
+            logit plus the ITC cosine (LAVIS' re-ranking) instead of the ITC logits.
 
     Example:
 
@@ -112,6 +116,7 @@ class QFormerPretrainingConfig(PreTrainedConfig):
     alpha_warmup_steps: int = 0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    zero_shot_use_itm: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -3,6 +3,7 @@
 from .blip2 import convert_blip2_checkpoint
 from .blip2_retrieval import convert_blip2_qformer_checkpoint, convert_blip2_retrieval_checkpoint
 from .dispatch import CONVERTERS, convert_checkpoint, source_architecture
+from .llava import convert_llava_checkpoint
 from .qformer import qformer_config_from_blip2, qformer_state_dict_from_blip2
 
 
@@ -12,6 +13,7 @@ __all__ = [
     "convert_blip2_qformer_checkpoint",
     "convert_blip2_retrieval_checkpoint",
     "convert_checkpoint",
+    "convert_llava_checkpoint",
     "qformer_config_from_blip2",
     "qformer_state_dict_from_blip2",
     "source_architecture",

@@ -1,6 +1,11 @@
 """Bridges and the composite VLM. Importing this registers them with `AutoModel` / `AutoModelForImageTextToText`."""
 
-from transformers import AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining
+from transformers import (
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForPreTraining,
+    AutoModelForZeroShotImageClassification,
+)
 from transformers.models.blip_2 import Blip2VisionConfig, Blip2VisionModel
 from transformers.models.instructblip import InstructBlipVisionConfig, InstructBlipVisionModel
 
@@ -22,7 +27,9 @@ from .modeling_mlp import MLPProjectorModel
 from .modeling_perceiver import PerceiverResamplerModel
 from .modeling_qformer import QFormerModel
 from .modeling_qformer_pretraining import QFormerForImageTextPretraining, QFormerPretrainingOutput
+from .modeling_qformer_zero_shot import QFormerForZeroShotImageClassification, QFormerZeroShotOutput
 from .outputs import BridgeModelOutput
+from .qformer_features import QFormerFeaturesOutput
 from .stage1_handoff import (
     add_qformer_instruction_input,
     load_qformer_into_vlm,
@@ -44,6 +51,10 @@ for _config, _model in (
 AutoModelForImageTextToText.register(BridgeVLMConfig, BridgeVLMForConditionalGeneration, exist_ok=True)
 AutoModel.register(QFormerPretrainingConfig, QFormerForImageTextPretraining, exist_ok=True)
 AutoModelForPreTraining.register(QFormerPretrainingConfig, QFormerForImageTextPretraining, exist_ok=True)
+# `pipeline("zero-shot-image-classification")` on a stage-1 folder: same weights, CLIP-style logits.
+AutoModelForZeroShotImageClassification.register(
+    QFormerPretrainingConfig, QFormerForZeroShotImageClassification, exist_ok=True
+)
 
 __all__ = [
     "add_qformer_instruction_input",
@@ -55,9 +66,12 @@ __all__ = [
     "BridgeVLMPreTrainedModel",
     "MLPProjectorModel",
     "PerceiverResamplerModel",
+    "QFormerFeaturesOutput",
     "QFormerForImageTextPretraining",
+    "QFormerForZeroShotImageClassification",
     "QFormerModel",
     "QFormerPretrainingOutput",
+    "QFormerZeroShotOutput",
     "load_qformer_into_vlm",
     "qformer_instruction_processor",
     "vlm_from_stage1",

@@ -14,7 +14,9 @@ logger = logging.get_logger(__name__)
 # The VLM's components, by the attribute path under which they hold their parameters.
 COMPONENTS = ("vision_tower", "bridge", "language_projection", "language_model", "lm_head")
 
-# What trains in each stage of the recipe; everything else is frozen.
+# What trains in each stage of the recipe; everything else is frozen. A component the model lacks is skipped: without
+# a language projection (`use_language_projection=False`, LLaVA-1.5) "stage2" trains the bridge alone, as LLaVA's
+# pre-training trains its projector alone.
 FREEZE_STAGES: dict[str, tuple[str, ...]] = {
     # BLIP-2 stage 2 / LLaVA pre-training: only the bridge and the projection learn.
     "stage2": ("bridge", "language_projection"),
@@ -71,7 +73,8 @@ class FreezingMixin(FrozenVisionTowerMixin):
                 `"frozen"` (nothing).
 
         Returns:
-            `dict[str, int]`: trainable parameters per component after freezing.
+            `dict[str, int]`: trainable parameters per component after freezing; a component the model lacks (the
+            language projection with `use_language_projection=False`) has no entry and no log line.
 
         Example:
 

@@ -1,4 +1,4 @@
-"""The composite VLM: any vision tower -> bridge -> language projection -> any language model.
+"""The composite VLM: any vision tower -> bridge -> (language projection) -> any language model.
 
 Images reach the language model only through `<image>` placeholder tokens, never as prepended embeddings: the
 bridge's tokens are scattered into the placeholder positions of the input embeddings, so logits stay aligned
@@ -23,6 +23,9 @@ from .bridge_utils import check_pixel_values, vision_tower_features
 from .compat import CACHE_KEY
 from .freezing import FreezingMixin
 from .from_pretrained_parts import from_vision_text_pretrained
+from .language_projection import build_language_projection, project_image_tokens
+from .outputs import BridgeModelOutput
+from .qformer_features import BridgeFeaturesMixin
 from .saving import SelfDescribingMixin, push_to_hub_with_processor
 
 
@@ -129,7 +132,8 @@ class BridgeVLMPreTrainedModel(FreezingMixin, PreTrainedModel):
 
 class BridgeVLMModel(BridgeVLMPreTrainedModel):
     r"""
-    Vision tower, bridge, language projection and language model, without a language-modelling head.
+    Vision tower, bridge, language projection (unless `config.use_language_projection=False`) and language model,
+    without a language-modelling head.
 
     Args:
         config ([`BridgeVLMConfig`]):
@@ -162,7 +166,8 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         self.bridge = AutoModel.from_config(config.bridge_config).float()
         self.language_model = AutoModel.from_config(config.text_config)
         embed_dim = self.language_model.get_input_embeddings().embedding_dim
-        self.language_projection = nn.Linear(config.bridge_config.hidden_size, embed_dim)
+        # None with `use_language_projection=False` (LLaVA-1.5): no module, no checkpoint keys.
+        self.language_projection = build_language_projection(config, embed_dim)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -211,8 +216,8 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
 
         Returns:
             `torch.FloatTensor` of shape `(num_images, num_image_tokens, embed_dim)`, in the language projection's
-            dtype; with any-res `(num_real_tiles, num_image_tokens, embed_dim)`, tiles image after image, so that an
-            image's tokens are the concatenation of its tiles'.
+            dtype (the LM's without one); with any-res `(num_real_tiles, num_image_tokens, embed_dim)`, tiles image
+            after image, so that an image's tokens are the concatenation of its tiles'.
 
         Raises:
             `TypeError` / `ValueError`: for pixel values no processor made (integer dtypes, NaN / inf, a list of
@@ -226,10 +231,30 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
             image_sizes,
         )
 
-    def _image_features(
+    def get_bridge_outputs(
+        self,
+        pixel_values: torch.FloatTensor,
+        image_attention_mask: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> BridgeModelOutput:
+        """[`get_image_features`] (same arguments) before the language projection: the bridge's output, whose
+        `image_tokens` are `(num_images, num_image_tokens, bridge_hidden_size)`, in the bridge's fp32."""
+        pixel_values = check_pixel_values(pixel_values, check_finite=False)
+        return self._bridge_outputs(
+            pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes
+        )
+
+    def _image_features(self, pixel_values, *args, **kwargs) -> torch.FloatTensor:
+        image_tokens = self._bridge_outputs(pixel_values, *args, **kwargs).image_tokens  # (num_images, N, Db), fp32
+        text_dtype = self.get_input_embeddings().weight.dtype
+        return project_image_tokens(self.language_projection, image_tokens, text_dtype)  # (num_images, N, Dt)
+
+    def _bridge_outputs(
         self, pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes
-    ) -> torch.FloatTensor:
-        """`get_image_features` on pixel values already stacked and type-checked; looks for NaN / inf itself."""
+    ) -> BridgeModelOutput:
+        """`get_bridge_outputs` on pixel values already stacked and type-checked; looks for NaN / inf itself."""
         tiles = None
         if pixel_values.dim() == 5:
             if image_attention_mask is not None:
@@ -266,10 +291,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
             bridge_kwargs = {"input_ids": qformer_input_ids, "attention_mask": qformer_attention_mask}
         # image_embeds goes first and by position: peft < 0.19 wraps a `modules_to_save` bridge in a module whose
         # forward takes the input as positional `x` (LoRA with `train_bridge=True`).
-        bridge_outputs = self.bridge(image_embeds, image_attention_mask=image_attention_mask, **bridge_kwargs)
-        image_tokens = bridge_outputs.image_tokens  # (num_images, N, Db), in the bridge's fp32
-        projection_dtype = self.language_projection.weight.dtype
-        return self.language_projection(image_tokens.to(projection_dtype))  # (num_images, N, Dt)
+        return self.bridge(image_embeds, image_attention_mask=image_attention_mask, **bridge_kwargs)
 
     def _per_image_qformer_inputs(self, input_ids, qformer_input_ids, qformer_attention_mask, num_anyres_images=None):
         """The processor gives one Q-Former text per sample; each of a sample's images gets that sample's text.
@@ -470,7 +492,9 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         )
 
 
-class BridgeVLMForConditionalGeneration(SelfDescribingMixin, BridgeVLMPreTrainedModel, GenerationMixin):
+class BridgeVLMForConditionalGeneration(
+    SelfDescribingMixin, BridgeFeaturesMixin, BridgeVLMPreTrainedModel, GenerationMixin
+):
     r"""
     [`BridgeVLMModel`] with a language-modelling head: trains with `labels` and generates text about images.
 
@@ -535,7 +559,8 @@ class BridgeVLMForConditionalGeneration(SelfDescribingMixin, BridgeVLMPreTrained
         r"""
         Builds a VLM from two separately saved checkpoints: a vision model (vision-only, or a CLIP / SigLIP dual
         encoder whose image half is kept) and a causal or sequence-to-sequence language model. The bridge and the
-        language projection are new.
+        language projection are new (with `use_language_projection=False` there is none, and the bridge's
+        `hidden_size` must be the language model's width).
 
         Args:
             vision_path (`str` or `os.PathLike`):

@@ -32,6 +32,7 @@ from . import stage1_losses as losses
 from .bridge_utils import check_pixel_values, vision_tower_features
 from .freezing import FrozenVisionTowerMixin
 from .modeling_qformer import QFormerModel
+from .qformer_features import QFormerFeaturesMixin
 from .saving import SelfDescribingMixin
 from .stage1_accumulation import AccumulationWindow, windowed_forward
 
@@ -107,7 +108,9 @@ class QFormerLMHead(nn.Module):
         return self.decoder(self.LayerNorm(self.transform_act_fn(self.dense(hidden_states))))
 
 
-class QFormerForImageTextPretraining(SelfDescribingMixin, FrozenVisionTowerMixin, PreTrainedModel):
+class QFormerForImageTextPretraining(
+    SelfDescribingMixin, FrozenVisionTowerMixin, QFormerFeaturesMixin, PreTrainedModel
+):
     r"""
     BLIP-2's stage-1 model: a vision tower (frozen and in eval mode by default), a [`QFormerModel`] with its text
     branch, and the heads of its three objectives:
@@ -283,7 +286,8 @@ class QFormerForImageTextPretraining(SelfDescribingMixin, FrozenVisionTowerMixin
         return embeddings
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Features
+    # Features (`get_image_features`, `get_text_features`, `compute_itm_logits` and `extract_features` come from
+    # `QFormerFeaturesMixin`, in qformer_features.py)
     # ----------------------------------------------------------------------------------------------------------------
 
     def get_vision_features(self, pixel_values: torch.FloatTensor, momentum: bool = False) -> torch.FloatTensor:
@@ -294,38 +298,6 @@ class QFormerForImageTextPretraining(SelfDescribingMixin, FrozenVisionTowerMixin
         tower = self.vision_tower_m if momentum else self.vision_tower
         trainable = False if momentum else None  # the momentum copy never gets gradients
         return vision_tower_features(tower, pixel_values, self.config.vision_feature_layer, trainable)
-
-    def get_image_features(
-        self, pixel_values: torch.FloatTensor | None = None, image_embeds: torch.FloatTensor | None = None
-    ) -> torch.FloatTensor:
-        """
-        ITC image embeddings: L2-normalised `vision_proj` of the query outputs, `(B, num_query_tokens, embed_dim)`.
-        Pass `pixel_values`, or the vision features `image_embeds` from [`get_vision_features`].
-        """
-        if image_embeds is None:
-            image_embeds = self.get_vision_features(check_pixel_values(pixel_values))  # (B, P, Dv)
-        query_output = self.qformer(image_embeds=image_embeds).image_tokens  # (B, Q, H)
-        return F.normalize(self.vision_proj(query_output), dim=-1)
-
-    def get_text_features(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.FloatTensor:
-        """ITC text embeddings: L2-normalised `text_proj` of the text-only pass's `[CLS]` output, `(B, embed_dim)`."""
-        hidden = self.qformer(input_ids=input_ids, attention_mask=attention_mask, use_queries=False).last_hidden_state
-        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
-
-    def compute_itm_logits(
-        self, image_embeds: torch.FloatTensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.FloatTensor:
-        """ITM logits `(B, 2)` of the pairs (image `i`, text `i`): `itm_head` on the query outputs of a bidirectional
-        queries+text pass, averaged over queries. Index 1 is "match" (LAVIS' `compute_itm` score)."""
-        query_output = self.qformer(
-            image_embeds=image_embeds,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            attention_mode="bidirectional",
-        ).image_tokens  # (B, Q, H)
-        return self.itm_head(query_output).mean(dim=1)
 
     def compute_itg_logits(
         self,

@@ -90,9 +90,10 @@ def build_model_card(model, repo_id: str, details: str = "", tags: list[str] | N
     parts = [
         ("vision tower", config.vision_config.model_type, base.vision_tower),
         ("bridge", config.bridge_config.model_type, base.bridge),
-        ("language projection", "linear", base.language_projection),
+        ("language projection", "linear", getattr(base, "language_projection", None)),
         ("language model", config.text_config.model_type, base.language_model),
     ]
+    parts = [part for part in parts if part[2] is not None]  # no projection row with use_language_projection=False
     rows = "\n".join(f"| {name} | `{kind}` | {sum(p.numel() for p in m.parameters()):,} |" for name, kind, m in parts)
     card_data = ModelCardData(
         library_name="transformers",
@@ -230,7 +231,12 @@ def auto_classes(output_dir: str | Path) -> dict[str, type]:
     if _exported_class(config_class.__name__) is not config_class:
         return {}
     classes = {"AutoConfig": config_class}
-    for name in ("AutoModel", "AutoModelForPreTraining", "AutoModelForImageTextToText"):
+    for name in (
+        "AutoModel",
+        "AutoModelForPreTraining",
+        "AutoModelForImageTextToText",
+        "AutoModelForZeroShotImageClassification",
+    ):
         try:
             model_class = getattr(transformers, name)._model_mapping[config_class]
         except KeyError:

@@ -57,6 +57,19 @@ def _check_vlbridge_model(model: nn.Module) -> None:
     )
 
 
+def _bridge_modules(model: nn.Module) -> list[str]:
+    """The [`BRIDGE_MODULE_PATHS`] `model` has: one built with `use_language_projection=False` has no projection, so
+    PEFT is not asked to save a copy of a module that is not there."""
+    present = []
+    for path in BRIDGE_MODULE_PATHS:
+        try:
+            model.get_submodule(path)
+        except AttributeError:  # absent, or None (`get_submodule` refuses a non-module)
+            continue
+        present.append(path)
+    return present
+
+
 def language_model_linear_names(model: nn.Module) -> list[str]:
     """
     The distinct last names of the `nn.Linear` layers of the model's language model, in order of appearance: what
@@ -124,7 +137,8 @@ def language_model_lora_config(
       [`language_model_target_regex`]), so the vision tower, the bridge and `lm_head` never get adapters, whatever
       their layers are called. It is checked against `model`: a `ValueError` lists the language model's layers when
       nothing matches or a name is unknown.
-    - `train_bridge=True` sets `modules_to_save=["model.bridge", "model.language_projection"]`: PEFT trains a copy of
+    - `train_bridge=True` sets `modules_to_save=["model.bridge", "model.language_projection"]` (only
+      `["model.bridge"]` without a language projection, `use_language_projection=False`): PEFT trains a copy of
       each and saves it in the adapter checkpoint (`adapter_model.safetensors`), and `merge_and_unload()` puts the
       trained copies in the merged model. With adapters disabled, as TRL's DPO reference, the original bridge runs.
       `train_bridge=False` freezes both (only the LoRA matrices train).
@@ -207,7 +221,7 @@ def language_model_lora_config(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
-        modules_to_save=list(BRIDGE_MODULE_PATHS) if train_bridge else None,
+        modules_to_save=_bridge_modules(model) if train_bridge else None,
         task_type="CAUSAL_LM",
         **lora_kwargs,
     )
