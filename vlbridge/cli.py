@@ -9,6 +9,7 @@ demo or the checkpoint helpers.
     vlbridge dpo --model_name_or_path outputs/demo/sft
     vlbridge caption outputs/demo/stage2 image.png
     vlbridge retrieve outputs/demo/stage1 --images a.png b.png --texts "a red circle" "two blue stars"
+    vlbridge classify --model outputs/demo/stage1 --labels "a red circle,a blue square" a.png b.png
     vlbridge eval outputs/demo/sft
     vlbridge convert path/to/blip2-checkpoint outputs/blip2-vlbridge
 
@@ -206,13 +207,41 @@ def _add_inference(commands) -> dict[str, argparse.ArgumentParser]:
         help="Rank images against texts with a stage-1 checkpoint.",
         description="Scores every image against every text with a stage-1 Q-Former model (ITC, then ITM "
         "re-ranking) and prints\nthe best matches both ways.\n\nexample:\n  vlbridge retrieve outputs/demo/stage1 "
-        "--images a.png b.png --texts 'a large red circle' 'two small blue stars'",
+        "--images a.png b.png --texts 'a large red circle' 'two small blue stars'\n  vlbridge retrieve "
+        "outputs/demo/stage1 --images gallery/*.png --texts 'two small blue stars' --index gallery_index",
     )
     retrieve.add_argument("checkpoint", help="A stage-1 checkpoint folder (vlbridge stage1).")
     retrieve.add_argument("--images", nargs="+", required=True, help="Image files.")
     retrieve.add_argument("--texts", nargs="+", required=True, help="Texts.")
     retrieve.add_argument("--top_k", type=int, default=3, help="Matches printed per query.")
+    retrieve.add_argument(
+        "--index",
+        default=None,
+        metavar="DIR",
+        help="Large galleries: keep the images' embeddings in an on-disk index in DIR (built on the first run, reused "
+        "on later runs with the same images and checkpoint) and search it chunk by chunk; prints text -> images only.",
+    )
+    retrieve.add_argument("--batch_size", type=int, default=32, help="Images or texts per forward.")
     retrieve.add_argument("--config", default=None, help=CONFIG_HELP)
+
+    classify = commands.add_parser(
+        "classify",
+        formatter_class=_HelpFormatter,
+        help="Zero-shot image classification with a stage-1 checkpoint.",
+        description="Scores every image against every label with a stage-1 Q-Former model (ITC; --itm re-ranks with "
+        "ITM), through\ntransformers' zero-shot-image-classification pipeline, and prints each image's labels with "
+        "their\nprobabilities, best first.\n\nexample:\n  vlbridge classify --model outputs/demo/stage1 --labels "
+        "'a red circle,a blue square,a green star' scene1.png scene2.png",
+    )
+    classify.add_argument("images", nargs="+", help="Image files.")
+    classify.add_argument("--model", required=True, help="A stage-1 checkpoint folder (vlbridge stage1).")
+    classify.add_argument("--labels", required=True, help="Two or more candidate labels, separated by commas.")
+    classify.add_argument(
+        "--template", default="{}", help="Prompt around each label ('{}' = the label as it is; e.g. 'a {}')."
+    )
+    classify.add_argument("--itm", action="store_true", help="Re-rank with ITM (match logit + ITC cosine).")
+    classify.add_argument("--top_k", type=int, default=None, help="Labels printed per image (None: all).")
+    classify.add_argument("--config", default=None, help=CONFIG_HELP)
 
     evaluate = commands.add_parser(
         "eval",
@@ -255,10 +284,10 @@ def _add_inference(commands) -> dict[str, argparse.ArgumentParser]:
     convert.add_argument("destination", help="Where the converted model and processor are saved.")
     convert.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="Load dtype.")
     convert.add_argument("--config", default=None, help=CONFIG_HELP)
-    return {"caption": caption, "retrieve": retrieve, "eval": evaluate, "convert": convert}
+    return {"caption": caption, "retrieve": retrieve, "classify": classify, "eval": evaluate, "convert": convert}
 
 
-INFERENCE_COMMANDS = ("caption", "retrieve", "eval", "convert")
+INFERENCE_COMMANDS = ("caption", "retrieve", "classify", "eval", "convert")
 CONFIG_HELP = "A YAML file of this command's options (keys are the flag names); flags on the command line override it."
 
 
@@ -356,11 +385,16 @@ def _caption(args) -> int:
 def _retrieve(args) -> int:
     from .scripts.inference import load_checkpoint, rank_matches
 
-    scores_i2t, scores_t2i = rank_matches(load_checkpoint(args.checkpoint), args.images, args.texts)
+    checkpoint = load_checkpoint(args.checkpoint)
+    # Re-rank at least the printed matches, so that none of them is an unscored -100.
+    k_test = max(16, args.top_k)
+    scores_i2t, scores_t2i = rank_matches(checkpoint, args.images, args.texts, k_test, args.index, args.batch_size)
     for heading, queries, candidates, scores in (
         ("text -> images", args.texts, args.images, scores_t2i),
         ("image -> texts", args.images, args.texts, scores_i2t),
     ):
+        if scores is None:  # --index: a gallery is searched by text only
+            continue
         print(f"{heading} (score: ITM match logit + ITC cosine)")
         for query, row in zip(queries, scores):
             top = row.topk(min(args.top_k, len(candidates)))
@@ -369,6 +403,32 @@ def _retrieve(args) -> int:
                 for rank, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1)
             )
             print(f"  {query!r}: {ranked}")
+    return 0
+
+
+def _classify(args) -> int:
+    from transformers import AutoModelForZeroShotImageClassification, pipeline
+
+    from .hub.checkpoint import check_model_folder
+    from .scripts.inference import load_image
+
+    labels = [label.strip() for label in args.labels.split(",")]
+    if not all(labels):
+        raise ValueError(f"--labels {args.labels!r} holds an empty label: give labels separated by single commas.")
+    check_model_folder(args.model)
+    # The folder's own tokenizer and image processor, as `pipeline(..., model=folder)` finds them.
+    model = AutoModelForZeroShotImageClassification.from_pretrained(args.model, zero_shot_use_itm=args.itm)
+    classifier = pipeline(
+        "zero-shot-image-classification", model=model, tokenizer=args.model, image_processor=args.model
+    )
+    images = [load_image(path) for path in args.images]
+    results = classifier(images, candidate_labels=labels, hypothesis_template=args.template)
+    heading = "ITM match logit + ITC cosine" if args.itm else "ITC"
+    print(f"label probabilities (softmax over {len(labels)} labels of the {heading} scores)")
+    for image, ranked in zip(args.images, results):
+        print(f"{image}:")
+        for result in ranked[: args.top_k]:
+            print(f"  {result['score']:.3f}  {result['label']}")
     return 0
 
 
@@ -457,7 +517,8 @@ def _run(argv: list[str]) -> int:
         return _demo(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"caption": _caption, "retrieve": _retrieve, "eval": _evaluate, "convert": _convert}[args.command](args)
+    handlers = {"caption": _caption, "retrieve": _retrieve, "classify": _classify, "eval": _evaluate}
+    return {**handlers, "convert": _convert}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def run_main(argv: list[str]) -> int:
         (["dpo"], "preference"),
         (["caption"], "captions of images"),
         (["retrieve"], "every image against every text"),
+        (["classify"], "every image against every label"),
         (["eval"], "held-out"),
         (["convert"], "BLIP-2"),
     ],

@@ -7,11 +7,13 @@ The metrics themselves are `evaluate` modules in `vlbridge.metrics`.
 from .generation import evaluate_generation
 from .preference import preference_accuracy, preference_answer_accuracy, preference_log_probs
 from .retrieval import ImageTextRetriever, retrieval_metrics, retrieve
+from .retrieval_index import EmbeddingIndex
 from .stage1 import evaluate_stage1
 from .tables import format_metric_table
 
 
 __all__ = [
+    "EmbeddingIndex",
     "ImageTextRetriever",
     "evaluate_generation",
     "evaluate_stage1",

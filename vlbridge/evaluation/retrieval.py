@@ -8,10 +8,16 @@
 
 Runs in one process (LAVIS splits the rows across ranks); vision features for the re-ranking are kept on the CPU, as
 LAVIS does, so only `batch_size` of them sit on the accelerator at a time.
+
+Large galleries: [`ImageTextRetriever.build_index`] writes the image embeddings to an on-disk
+[`~vlbridge.evaluation.retrieval_index.EmbeddingIndex`] and [`ImageTextRetriever.retrieve_from_index`] searches it
+chunk by chunk, re-ranking only the top `k_test` of each query; it returns the re-ranked top-k lists
+([`IndexedRetrievalOutput`]) instead of the dense `(N, M)` matrices, whose re-ranked entries they equal.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..metrics.retrieval_recall import image_text_recall
+from ..metrics.retrieval_recall import image_text_recall, recall_at_k_from_rankings
 from ..modeling.stage1_losses import query_text_similarity
+from .retrieval_index import EmbeddingIndex, rerank_with_itm, vision_feature_source
 
 
 logger = logging.get_logger(__name__)
@@ -49,6 +56,41 @@ class RetrievalOutput:
     scores_t2i: torch.Tensor
     similarity: torch.Tensor
     metrics: dict[str, float] | None = None
+
+
+@dataclass
+class IndexedRetrievalOutput:
+    """
+    Result of [`ImageTextRetriever.retrieve_from_index`]: the re-ranked top-`k_test` lists, best first.
+
+    Args:
+        t2i_scores, t2i_indices (`torch.Tensor` of shape `(num_texts, k)`):
+            Each text's re-ranked images (ITM match logit + ITC cosine) and their indices.
+        i2t_scores, i2t_indices (`torch.Tensor` of shape `(num_images, k)`, *optional*):
+            Each image's re-ranked texts; `None` when only text-to-image retrieval was asked for.
+        num_images (`int`, *optional*, defaults to 0):
+            The gallery's size.
+        metrics (`dict[str, float]`, *optional*):
+            `i2t_r{k}`, `t2i_r{k}` and `r_mean`, when the ground truth was given (ranks past `k` count as misses).
+    """
+
+    t2i_scores: torch.Tensor
+    t2i_indices: torch.Tensor
+    i2t_scores: torch.Tensor | None = None
+    i2t_indices: torch.Tensor | None = None
+    num_images: int = 0
+    metrics: dict[str, float] | None = None
+
+    def to_dense(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`scores_i2t (N, M)` (or `None`) and `scores_t2i (M, N)` as [`RetrievalOutput`] has them (-100 off the
+        top-k)."""
+        num_texts = len(self.t2i_scores)
+        scores_t2i = torch.full((num_texts, self.num_images), NOT_RERANKED)
+        scores_t2i.scatter_(1, self.t2i_indices, self.t2i_scores)
+        if self.i2t_scores is None:
+            return None, scores_t2i
+        scores_i2t = torch.full((self.num_images, num_texts), NOT_RERANKED)
+        return scores_i2t.scatter_(1, self.i2t_indices, self.i2t_scores), scores_t2i
 
 
 class ImageTextRetriever:
@@ -214,6 +256,103 @@ class ImageTextRetriever:
         scores = torch.full((num_rows, num_columns), NOT_RERANKED)
         return scores.scatter_(1, top_columns, itm + top_similarity)
 
+    def build_index(
+        self,
+        images,
+        path: str | os.PathLike,
+        shard_size: int = 4096,
+        store_vision_features: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> EmbeddingIndex:
+        """
+        Embeds a gallery in batches of `batch_size` and writes it to an on-disk [`EmbeddingIndex`] at `path`
+        ([`EmbeddingIndex.build`]; `images` as for [`retrieve`], or image paths, which the index keeps).
+        """
+        was_training = getattr(self.model, "training", False)
+        if hasattr(self.model, "eval"):
+            self.model.eval()
+        try:
+            return EmbeddingIndex.build(
+                self.model,
+                images,
+                path,
+                batch_size=self.batch_size,
+                image_processor=self.image_processor,
+                shard_size=shard_size,
+                dtype=dtype,
+                store_vision_features=store_vision_features,
+                progress=self.progress,
+            )
+        finally:
+            if was_training:
+                self.model.train()
+
+    def retrieve_from_index(
+        self,
+        index: EmbeddingIndex | str | os.PathLike,
+        texts,
+        text_to_image: Sequence[int] | None = None,
+        images=None,
+        chunk_size: int | None = None,
+        image_to_text: bool = True,
+    ) -> IndexedRetrievalOutput:
+        """
+        [`retrieve`] over an on-disk gallery: ITC top-`k_test` by chunked search of the index in both directions,
+        then ITM re-ranking of those candidates only.
+
+        Args:
+            index ([`EmbeddingIndex`] or a path): The gallery ([`build_index`]).
+            texts: As for [`retrieve`] (held in memory).
+            text_to_image (`list[int]`, *optional*): Each text's image index, for Recall@K.
+            images (*optional*): The gallery's images, to recompute the candidates' vision features, when the index
+                holds neither them nor image paths.
+            chunk_size (`int`, *optional*): Images per search step (default: a shard).
+            image_to_text (`bool`, *optional*, defaults to `True`): Also rank the texts of every gallery image; on
+                a large gallery this is `N * k_test` ITM passes and the vision features of every image, so searching
+                a gallery by text alone may skip it.
+
+        Returns:
+            [`IndexedRetrievalOutput`]
+        """
+        index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex.open(index)
+        was_training = getattr(self.model, "training", False)
+        if hasattr(self.model, "eval"):
+            self.model.eval()
+        try:
+            input_ids, attention_mask = self.tokenize(texts)
+            text_feats = self.encode_texts(input_ids, attention_mask)  # (M, E)
+            vision = vision_feature_source(index, self.model, images, self.image_processor, self.batch_size)
+
+            @torch.no_grad()
+            def itm(positions, text_index, vision_feats):  # (p,), (p,), (u, P, Dv) -> (p,)
+                logits = self.model.compute_itm_logits(
+                    vision_feats[positions].to(self.device),
+                    input_ids[text_index].to(self.device),
+                    attention_mask[text_index].to(self.device),
+                )
+                return logits[:, 1].float().cpu()
+
+            options = {"batch_size": self.batch_size, "progress": self.progress}
+            t2i_top = index.search(
+                text_feats, self.k_test, chunk_size=chunk_size, progress=self.progress
+            )  # (M, k) each
+            t2i = rerank_with_itm(itm, vision, *t2i_top, rows_are_images=False, **options)
+            i2t = (None, None)
+            if image_to_text:
+                i2t_top = index.search_texts(
+                    text_feats, self.k_test, chunk_size=chunk_size, progress=self.progress
+                )  # (N, k) each
+                i2t = rerank_with_itm(itm, vision, *i2t_top, rows_are_images=True, **options)
+        finally:
+            if was_training:
+                self.model.train()
+        metrics = None
+        if text_to_image is not None:
+            if not image_to_text:
+                raise ValueError("Recall@K is reported both ways: pass image_to_text=True with text_to_image.")
+            metrics = ranked_retrieval_metrics(i2t[1], t2i[1], text_to_image, self.ks)
+        return IndexedRetrievalOutput(*t2i, *i2t, num_images=len(index), metrics=metrics)
+
     def retrieve(self, images, texts, text_to_image: Sequence[int] | None = None) -> RetrievalOutput:
         """
         Scores all images against all texts and, given the ground truth, reports Recall@K.
@@ -273,6 +412,33 @@ def retrieval_metrics(
     return image_text_recall(scores_i2t, text_to_image, ks, scores_t2i=scores_t2i)
 
 
+def ranked_retrieval_metrics(
+    i2t_indices: torch.Tensor, t2i_indices: torch.Tensor, text_to_image: Sequence[int], ks=(1, 5, 10)
+) -> dict[str, float]:
+    """
+    [`retrieval_metrics`] from ranked top-k lists (best first) instead of score matrices: each image's texts
+    `(N, k)` and each text's images `(M, k)`; a ground truth past the lists' end is a miss.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from vlbridge.evaluation.retrieval import ranked_retrieval_metrics
+    >>> ranked_retrieval_metrics(torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0], [1]]), [0, 1], ks=(1,))
+    {'i2t_r1': 1.0, 't2i_r1': 1.0, 'r_mean': 1.0}
+    ```
+    """
+    texts_of = [[] for _ in range(len(i2t_indices))]
+    for text, image in enumerate(text_to_image):
+        texts_of[int(image)].append(text)
+    i2t = recall_at_k_from_rankings(i2t_indices.tolist(), texts_of, ks)
+    t2i = recall_at_k_from_rankings(t2i_indices.tolist(), [[int(image)] for image in text_to_image], ks)
+    metrics = {f"i2t_{name}": value for name, value in i2t.items()}
+    metrics.update({f"t2i_{name}": value for name, value in t2i.items()})
+    metrics["r_mean"] = sum(metrics.values()) / len(metrics)
+    return metrics
+
+
 def retrieve(
     model,
     images,
@@ -282,14 +448,29 @@ def retrieve(
     image_processor=None,
     batch_size: int = 32,
     k_test: int = 128,
+    index: EmbeddingIndex | str | os.PathLike | None = None,
     **kwargs,
-) -> RetrievalOutput:
+) -> RetrievalOutput | IndexedRetrievalOutput:
     """Functional form of [`ImageTextRetriever`]: `ImageTextRetriever(model, ...).retrieve(images, texts,
-    text_to_image)`."""
+    text_to_image)`. With `index` (an [`EmbeddingIndex`] or a folder, built from `images` when it holds none yet)
+    it is `retrieve_from_index` instead, for large galleries, and returns an [`IndexedRetrievalOutput`]."""
     retriever = ImageTextRetriever(
         model, tokenizer=tokenizer, image_processor=image_processor, batch_size=batch_size, k_test=k_test, **kwargs
     )
-    return retriever.retrieve(images, texts, text_to_image)
+    if index is None:
+        return retriever.retrieve(images, texts, text_to_image)
+    if not isinstance(index, EmbeddingIndex) and not EmbeddingIndex.exists(index):
+        if images is None:
+            raise ValueError(f"{index} holds no index yet: pass the images to build it from.")
+        index = retriever.build_index(images, index)
+    return retriever.retrieve_from_index(index, texts, text_to_image, images=images)
 
 
-__all__ = ["ImageTextRetriever", "RetrievalOutput", "retrieval_metrics", "retrieve"]
+__all__ = [
+    "ImageTextRetriever",
+    "IndexedRetrievalOutput",
+    "RetrievalOutput",
+    "ranked_retrieval_metrics",
+    "retrieval_metrics",
+    "retrieve",
+]

@@ -176,20 +176,31 @@ def stage1_collator(checkpoint: Checkpoint, max_length: int = 32):
     return ImageTextCollator(checkpoint.processor.image_processor, checkpoint.processor.tokenizer, max_length)
 
 
-def rank_matches(checkpoint: Checkpoint, images: list, texts: list[str], k_test: int = 16):
+def rank_matches(
+    checkpoint: Checkpoint,
+    images: list,
+    texts: list[str],
+    k_test: int = 16,
+    index_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+):
     """
     Scores every image against every text with a stage-1 checkpoint: ITC similarity, then ITM re-ranking of each
     row's best `k_test` (LAVIS' scheme, [`~vlbridge.evaluation.retrieval.ImageTextRetriever`]).
 
     Args:
         checkpoint ([`Checkpoint`]): A stage-1 model from [`load_checkpoint`].
-        images (`list`): PIL images or paths.
+        images (`list`): PIL images or paths (paths only with `index_dir`).
         texts (`list[str]`): The texts.
         k_test (`int`, *optional*, defaults to 16): Candidates re-ranked by ITM per query.
+        index_dir (`str` or `os.PathLike`, *optional*): An on-disk index of the images' embeddings
+            ([`~vlbridge.evaluation.retrieval_index.EmbeddingIndex`]): reused when it holds these images, built there
+            otherwise. The texts are then searched over it chunk by chunk (large galleries), text -> images only.
+        batch_size (`int`, *optional*, defaults to 32): Images or texts per forward.
 
     Returns:
         `(scores_i2t, scores_t2i)`: `(num_images, num_texts)` and `(num_texts, num_images)` tensors, higher is better
-        (ITM logit + ITC cosine on re-ranked pairs, -100 elsewhere).
+        (ITM logit + ITC cosine on re-ranked pairs, -100 elsewhere); `scores_i2t` is `None` with `index_dir`.
 
     Example:
 
@@ -203,10 +214,39 @@ def rank_matches(checkpoint: Checkpoint, images: list, texts: list[str], k_test:
     if checkpoint.kind != "stage1":
         raise ValueError("Retrieval needs a stage-1 checkpoint (QFormerForImageTextPretraining); this one is a VLM.")
     collator = stage1_collator(checkpoint)
+    retriever = ImageTextRetriever(
+        checkpoint.model,
+        image_processor=collator.image_processor,
+        k_test=k_test,
+        batch_size=batch_size,
+        progress=False,
+    )
+    if index_dir is not None:
+        retriever.progress = True  # indexing and searching a large gallery take a while: show them
+        index = _gallery_index(retriever, images, index_dir)
+        output = retriever.retrieve_from_index(index, collator.tokenize(list(texts)), image_to_text=False)
+        return output.to_dense()
     pixel_values = collator.image_processor([load_image(image) for image in images], return_tensors="pt")
-    retriever = ImageTextRetriever(checkpoint.model, k_test=k_test, progress=False)
     output = retriever.retrieve(pixel_values["pixel_values"], collator.tokenize(list(texts)))
     return output.scores_i2t, output.scores_t2i
+
+
+def _gallery_index(retriever, images: list, index_dir: str | os.PathLike):
+    """The index of `images` (paths) at `index_dir` for this model: reused when it is one, built when none is there."""
+    from ..evaluation.retrieval_index import EmbeddingIndex, model_identity
+
+    if not all(isinstance(image, (str, os.PathLike)) for image in images):
+        raise ValueError("An on-disk index is built from image files: pass paths.")
+    paths = [os.path.abspath(image) for image in images]
+    if not EmbeddingIndex.exists(index_dir):
+        return retriever.build_index(paths, index_dir)
+    index = EmbeddingIndex.open(index_dir)
+    if index.sources != paths or index.metadata.get("model", "") != model_identity(retriever.model):
+        raise ValueError(
+            f"{index_dir} holds an index of other images or of another model ({index.metadata.get('model')!r}); "
+            "remove it or pass another index folder."
+        )
+    return index
 
 
 def held_out_images(
