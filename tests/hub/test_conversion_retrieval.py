@@ -311,3 +311,22 @@ def test_rejects_other_architectures(tmp_path, single_thread):
 
 def test_docstring_examples():
     run_docstring_examples("vlbridge.conversion.blip2_retrieval")
+
+
+def test_stage1_training_continues_from_a_converted_checkpoint(retrieval, tmp_path):
+    # BLIP-2's released stage-1 weights, converted, are where `vlbridge stage1 --model_name_or_path` starts.
+    from vlbridge.cli import main
+
+    _, _, model, converted = retrieval
+    output = tmp_path / "continued"
+    argv = ["stage1", "--model_name_or_path", str(converted), "--output_dir", str(output), "--max_steps", "2"]
+    argv += ["--num_train_images", "16", "--num_eval_images", "4", "--k_test", "2", "--image_size", "32"]
+    assert main([*argv, "--logging_steps", "1", "--disable_tqdm", "true"]) == 0
+    continued = AutoModel.from_pretrained(output)
+    assert type(continued) is QFormerForImageTextPretraining
+    before, after = model.state_dict(), continued.state_dict()
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["itm_head.weight"], after["itm_head.weight"])  # it trained
+    # The converted model keeps BLIP-2's frozen vision tower, also after loading.
+    assert continued.config.freeze_vision_tower
+    assert all(torch.equal(before[key], after[key]) for key in before if key.startswith("vision_tower."))

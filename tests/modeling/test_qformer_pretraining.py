@@ -160,6 +160,18 @@ def test_each_loss_backprops_into_its_parts_but_not_the_frozen_tower(loss_name):
         assert hits, f"{loss_name} gives no gradient to {prefix}"
 
 
+def test_what_never_trains_stays_frozen_after_from_pretrained(tmp_path):
+    # Loading puts fresh parameters in place: the frozen tower and the momentum copies must be frozen again.
+    model = make_model(use_momentum_distillation=True, queue_size=4)
+    model.save_pretrained(tmp_path)
+    loaded = QFormerForImageTextPretraining.from_pretrained(tmp_path).train()
+    assert not any(p.requires_grad for p in loaded.vision_tower.parameters())
+    assert not any(p.requires_grad for name, p in loaded.named_parameters() if "_m." in name)
+    assert loaded.qformer.query_tokens.requires_grad and not loaded.vision_tower.training
+    trainable = {name for name, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, p in model.named_parameters() if p.requires_grad}
+
+
 def test_trainable_vision_tower_gets_gradients():
     model = make_model(freeze_vision_tower=False).train()
     assert model.vision_tower.training

@@ -198,8 +198,7 @@ class QFormerForImageTextPretraining(
             self._build_momentum_state()
         # A frozen tower also stays in eval mode, whatever train() is called with (FrozenVisionTowerMixin).
         self._frozen_vision_tower = config.freeze_vision_tower
-        if config.freeze_vision_tower:
-            self.vision_tower.requires_grad_(False)
+        self._freeze_fixed_parts()
         self.post_init()
         # fp32 even when built under a bf16 / fp16 default dtype: the bridge trains in fp32, cast at its boundaries.
         for name, _ in self._trainable_parts():
@@ -257,11 +256,21 @@ class QFormerForImageTextPretraining(
         loaded weights (ALBEF's `copy_params`) instead of random."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # Loading puts fresh parameters in place, which require grad again: a frozen tower would train.
+        model._freeze_fixed_parts()
         prefixes = tuple(f"{name}_m." for name in MOMENTUM_MODULES + ("vision_tower",))
         if model.config.use_momentum_distillation and any(k.startswith(prefixes) for k in info["missing_keys"]):
             logger.warning("The checkpoint has no momentum encoders: initialising them as copies of the model.")
             model.copy_params()
         return (model, info) if want_info else model
+
+    def _freeze_fixed_parts(self) -> None:
+        """What never trains: the vision tower when the config freezes it, and the momentum copies (EMA only)."""
+        if self.config.freeze_vision_tower:
+            self.vision_tower.requires_grad_(False)
+        if self.config.use_momentum_distillation:
+            for _, model_m in self._momentum_pairs():
+                model_m.requires_grad_(False)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.qformer.get_input_embeddings()

@@ -55,6 +55,14 @@ class DataArguments:
 
 @dataclass
 class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue stage 1 from a saved stage-1 folder (one trained here, or a converted BLIP-2 "
+            "Blip2ForImageTextRetrieval: vlbridge convert) with its tokenizer and image processor; the size "
+            "arguments below are then ignored."
+        },
+    )
     vision_hidden_size: int = field(default=128, metadata={"help": "ViT width (trained from scratch)."})
     vision_layers: int = field(default=4, metadata={"help": "ViT depth."})
     patch_size: int = field(default=8, metadata={"help": "ViT patch size."})
@@ -158,6 +166,20 @@ def build_model(args: ModelArguments, data: DataArguments, tokenizer) -> QFormer
     return QFormerForImageTextPretraining(config)
 
 
+def load_stage1_folder(path: str):
+    """A saved stage-1 model with the tokenizer and image processor beside it, checked to be a stage-1 model."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(path)
+    if not isinstance(model, QFormerForImageTextPretraining):
+        raise ValueError(
+            f"--model_name_or_path {path} holds a {type(model).__name__}, not a stage-1 model "
+            "(QFormerForImageTextPretraining): pass a folder saved by vlbridge stage1, or a BLIP-2 "
+            "Blip2ForImageTextRetrieval converted with `vlbridge convert`."
+        )
+    return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+
+
 def image_processor_for(data_args: DataArguments) -> CLIPImageProcessor:
     """Square images of `image_size`, normalised with mean `image_mean` (1.0 makes the white background 0)."""
     size = data_args.image_size
@@ -218,14 +240,17 @@ def main(data_args: DataArguments, training_args: Stage1Config, model_args: Mode
     # Data
     ################
     train, held_out, words = load_data(data_args)
-    tokenizer = build_word_tokenizer([*words, "[DEC]"])
-    image_processor = image_processor_for(data_args)
+    if model_args.model_name_or_path:
+        model, tokenizer, image_processor = load_stage1_folder(model_args.model_name_or_path)
+    else:
+        tokenizer = build_word_tokenizer([*words, "[DEC]"])
+        image_processor = image_processor_for(data_args)
+        model = build_model(model_args, data_args, tokenizer)
     collator = ImageTextCollator(image_processor, tokenizer, max_length=training_args.max_text_length)
 
     ################
-    # Model & training
+    # Training
     ################
-    model = build_model(model_args, data_args, tokenizer)
     trainer = Stage1Trainer(model=model, args=training_args, train_dataset=train, data_collator=collator)
     trainer.train()
 
