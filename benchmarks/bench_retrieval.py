@@ -191,6 +191,16 @@ def peak_rss_above_start(call: Callable[[], object]) -> tuple[object, int]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def same_top_k(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """The same `(scores, indices)` top-k, up to the order of near-ties: chunked and whole-matrix products round the
+    last bit differently, which may swap two images whose scores differ by less than that."""
+    (scores, indices), (other_scores, other_indices) = first, second
+    if not torch.allclose(scores, other_scores, rtol=0, atol=1e-5):
+        return False
+    swapped = indices != other_indices
+    return bool(((scores - other_scores).abs()[swapped] <= 1e-5).all())
+
+
 def run_gallery(index: EmbeddingIndex, sizes: Sizes, args, repeats: int) -> dict[int, dict]:
     """Every number of queries on one gallery: `{num_texts: {"index": ..., "naive": ... or None}}`."""
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -202,8 +212,7 @@ def run_gallery(index: EmbeddingIndex, sizes: Sizes, args, repeats: int) -> dict
         if with_naive:
             calls["naive"] = lambda _, q=queries: naive_search(index, q, sizes.k)
         wall, _, results = time_rounds(calls, args.warmup, repeats)
-        if with_naive and not torch.equal(results["index"][-1][1], results["naive"][-1][1]):
-            # Random features have no ties: any difference is a bug, not a rounding.
+        if with_naive and not same_top_k(results["index"][-1], results["naive"][-1]):
             raise AssertionError(f"index and naive top-k differ ({len(index)} images, {num_texts} queries)")
         cell = {}
         for name, call in calls.items():

@@ -219,3 +219,16 @@ def test_a_stage1_model_trained_here_names_colours_of_held_out_images(tmp_path):
             right += colours[int(logits.argmax())] == scene["colour"]
     accuracy = right / len(held_out)
     assert accuracy > 3 / len(colours), accuracy  # chance is 1/8
+
+
+def test_pipeline_on_a_stage1_checkpoint_trained_here(tmp_path, images):
+    # The folder `vlbridge stage1` writes (model, tokenizer, image processor, card) is what the pipeline takes.
+    argv = ["stage1", "--output_dir", str(tmp_path), "--max_steps", "2", "--num_train_images", "16"]
+    argv += ["--num_eval_images", "4", "--k_test", "2", "--vision_layers", "1", "--image_size", "32"]
+    assert main([*argv, "--disable_tqdm", "true"]) == 0
+    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path))
+    assert isinstance(classifier.model, QFormerForZeroShotImageClassification)
+    ranked = classifier(images[0], candidate_labels=LABELS, hypothesis_template="a {}")
+    assert sorted(result["label"] for result in ranked) == sorted(LABELS)
+    scores = [result["score"] for result in ranked]
+    assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-5)

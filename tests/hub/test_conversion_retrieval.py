@@ -330,3 +330,22 @@ def test_stage1_training_continues_from_a_converted_checkpoint(retrieval, tmp_pa
     # The converted model keeps BLIP-2's frozen vision tower, also after loading.
     assert continued.config.freeze_vision_tower
     assert all(torch.equal(before[key], after[key]) for key in before if key.startswith("vision_tower."))
+
+
+def test_zero_shot_pipeline_on_a_converted_checkpoint(retrieval):
+    # BLIP-2's released stage-1 weights, converted, classify through transformers' own pipeline; the labels rank as
+    # transformers' ITC similarities rank them.
+    from PIL import Image
+    from transformers import AutoImageProcessor, pipeline
+
+    source, tokenizer, _, converted = retrieval
+    image = Image.fromarray((images(1)[0].permute(1, 2, 0).clamp(-1, 1) * 127 + 128).byte().numpy())
+    classifier = pipeline("zero-shot-image-classification", model=str(converted))
+    ranked = classifier(image, candidate_labels=CAPTIONS, hypothesis_template="{}")
+    pixel_values = AutoImageProcessor.from_pretrained(converted)(images=[image], return_tensors="pt")["pixel_values"]
+    input_ids, attention_mask = texts(tokenizer, CAPTIONS)
+    with torch.no_grad():
+        cosine = source(pixel_values, input_ids, attention_mask, use_image_text_matching_head=False).logits_per_image
+    expected = sorted(CAPTIONS, key=lambda caption: -cosine[0, CAPTIONS.index(caption)].item())
+    assert [result["label"] for result in ranked] == expected
+    assert sum(result["score"] for result in ranked) == pytest.approx(1.0, abs=1e-5)
