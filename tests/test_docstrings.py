@@ -17,6 +17,7 @@ MODULES = [
     "vlbridge.conversion.qformer",
     "vlbridge.data.tokenizer",
     "vlbridge.data.synthetic_vqa",
+    "vlbridge.data.synthetic_noisy",
     "vlbridge.trainers.distributed",
     "vlbridge.trainers.collators",
     "vlbridge.evaluation.generation",

@@ -12,6 +12,7 @@ from .synthetic import (
     sample_scene,
 )
 from .synthetic_multi import make_synthetic_multi_image, make_synthetic_small_objects, multi_image_vocabulary
+from .synthetic_noisy import add_caption_noise
 from .synthetic_preference import make_synthetic_preference, make_synthetic_safety_chat, preference_vocabulary
 from .synthetic_vqa import (
     chat_vocabulary,
@@ -29,6 +30,7 @@ __all__ = [
     "LoadReport",
     "Scene",
     "SkippedImagesCallback",
+    "add_caption_noise",
     "build_word_tokenizer",
     "caption_vocabulary",
     "chat_vocabulary",
