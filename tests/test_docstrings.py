@@ -36,6 +36,7 @@ MODULES = [
     "vlbridge.modeling.language_projection",
     "vlbridge.modeling.qformer_features",
     "vlbridge.modeling.modeling_qformer_zero_shot",
+    "vlbridge.modeling.qformer_captioning",
     "vlbridge.conversion.llava",
     "vlbridge.conversion.dispatch",
 ]

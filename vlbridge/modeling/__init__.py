@@ -29,6 +29,7 @@ from .modeling_qformer import QFormerModel
 from .modeling_qformer_pretraining import QFormerForImageTextPretraining, QFormerPretrainingOutput
 from .modeling_qformer_zero_shot import QFormerForZeroShotImageClassification, QFormerZeroShotOutput
 from .outputs import BridgeModelOutput
+from .qformer_captioning import QFormerCaptioner
 from .qformer_features import QFormerFeaturesOutput
 from .stage1_handoff import (
     add_qformer_instruction_input,
@@ -66,6 +67,7 @@ __all__ = [
     "BridgeVLMPreTrainedModel",
     "MLPProjectorModel",
     "PerceiverResamplerModel",
+    "QFormerCaptioner",
     "QFormerFeaturesOutput",
     "QFormerForImageTextPretraining",
     "QFormerForZeroShotImageClassification",

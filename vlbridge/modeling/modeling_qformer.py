@@ -11,12 +11,14 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from ..configuration.configuration_qformer import QFormerConfig
 from .bridge_utils import eager_attention_forward
+from .compat import CACHE_KEY
 from .outputs import BridgeModelOutput
 
 
@@ -27,9 +29,10 @@ class QFormerMultiHeadAttention(nn.Module):
     """Multi-head attention whose keys and values come from the sequence itself or, for cross-attention, from the
     image features (of width `encoder_hidden_size`)."""
 
-    def __init__(self, config: QFormerConfig, is_cross_attention: bool = False):
+    def __init__(self, config: QFormerConfig, is_cross_attention: bool = False, layer_idx: int = 0):
         super().__init__()
         self.config = config
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
@@ -45,6 +48,7 @@ class QFormerMultiHeadAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         key_value_states: torch.Tensor | None = None,
+        kv_cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, length, hidden_size = hidden_states.shape
@@ -55,6 +59,9 @@ class QFormerMultiHeadAttention(nn.Module):
         query = self.query(hidden_states).view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.key(kv_states).view(batch_size, kv_length, self.num_heads, self.head_dim).transpose(1, 2)
         value = self.value(kv_states).view(batch_size, kv_length, self.num_heads, self.head_dim).transpose(1, 2)
+        if kv_cache is not None and key_value_states is None:
+            # Self-attention only: appends this step's keys / values and returns the whole cached sequence's.
+            key, value = kv_cache.update(key, value, self.layer_idx)  # (B, heads, S, d)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -89,9 +96,9 @@ class QFormerSelfOutput(nn.Module):
 class QFormerAttention(nn.Module):
     """Attention plus output projection; `self.attention` / `self.output` keep BLIP-2's key names."""
 
-    def __init__(self, config: QFormerConfig, is_cross_attention: bool = False):
+    def __init__(self, config: QFormerConfig, is_cross_attention: bool = False, layer_idx: int = 0):
         super().__init__()
-        self.attention = QFormerMultiHeadAttention(config, is_cross_attention=is_cross_attention)
+        self.attention = QFormerMultiHeadAttention(config, is_cross_attention=is_cross_attention, layer_idx=layer_idx)
         self.output = QFormerSelfOutput(config)
 
     def forward(
@@ -136,7 +143,7 @@ class QFormerLayer(GradientCheckpointingLayer):
     def __init__(self, config: QFormerConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention = QFormerAttention(config)
+        self.attention = QFormerAttention(config, layer_idx=layer_idx)
         self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
         if self.has_cross_attention:
             self.crossattention = QFormerAttention(config, is_cross_attention=True)
@@ -154,11 +161,12 @@ class QFormerLayer(GradientCheckpointingLayer):
         image_embeds: torch.Tensor | None = None,
         image_attention_mask: torch.Tensor | None = None,
         query_length: int = 0,
+        kv_cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         # hidden_states: (B, Q + T, H); image_embeds: (B, P, encoder_hidden_size). The tensors that may need a
         # gradient are positional so that reentrant gradient checkpointing sees them.
-        attention_output, self_weights = self.attention(hidden_states, attention_mask, **kwargs)
+        attention_output, self_weights = self.attention(hidden_states, attention_mask, kv_cache=kv_cache, **kwargs)
         cross_weights = None
         if query_length == 0:  # text-only pass
             return self._text_feed_forward(attention_output), self_weights, cross_weights
@@ -195,11 +203,15 @@ class QFormerEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, query_embeds: torch.Tensor | None = None, input_ids: torch.LongTensor | None = None
+        self,
+        query_embeds: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        position_offset: int = 0,
     ) -> torch.Tensor:
         parts = [] if query_embeds is None else [query_embeds]  # (B, Q, H)
         if input_ids is not None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+            # `position_offset`: text tokens already in a KV cache, so that a continuation keeps its positions.
+            position_ids = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
             parts.append(self.word_embeddings(input_ids) + self.position_embeddings(position_ids))  # (B, T, H)
         embeddings = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, Q + T, H)
         return self.dropout(self.layernorm(embeddings))
@@ -219,6 +231,7 @@ class QFormerEncoder(nn.Module):
         query_length: int,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        kv_cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None]:
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -231,6 +244,7 @@ class QFormerEncoder(nn.Module):
                 image_embeds,
                 image_attention_mask=image_attention_mask,
                 query_length=query_length,
+                kv_cache=kv_cache,
                 **kwargs,
             )
             if output_hidden_states:
@@ -358,6 +372,12 @@ class QFormerModel(QFormerPreTrainedModel):
                 Return the hidden states after the embeddings and after each layer.
             return_dict (`bool`, *optional*):
                 Return a [`BridgeModelOutput`] instead of a tuple.
+            cache (`Cache`, *optional*):
+                A KV cache (e.g. `DynamicCache`) for image-grounded generation, `past_key_values` on transformers
+                < 5.24; `"multimodal_causal"` only. Empty: a pass with the queries fills it with the self-attention
+                keys / values of `[queries; text]`. Filled: pass only the new text with `use_queries=False`; it
+                reads the cached queries and text (queries never read text under this mask, so theirs never change)
+                and continues the text positions. `attention_mask` then covers the whole text, cached part included.
 
         Returns:
             [`BridgeModelOutput`]: `image_tokens` are the query outputs `(batch_size, num_queries, hidden_size)`
@@ -371,6 +391,8 @@ class QFormerModel(QFormerPreTrainedModel):
         self._check_inputs(image_embeds, image_attention_mask, input_ids, attention_mask, query_embeds, use_queries)
         if attention_mode not in ATTENTION_MODES:
             raise ValueError(f"Unknown attention_mode {attention_mode!r}; expected one of {ATTENTION_MODES}.")
+        kv_cache = kwargs.pop(CACHE_KEY, None)
+        past_length = self._check_cache(kv_cache, attention_mode, use_queries, input_ids, query_embeds)
         if output_attentions and self.config._attn_implementation != "eager":
             raise ValueError(
                 f"output_attentions=True needs eager attention, not {self.config._attn_implementation!r}: load with "
@@ -387,8 +409,12 @@ class QFormerModel(QFormerPreTrainedModel):
             query_length = query_embeds.shape[1]
             image_embeds = image_embeds.to(self._image_embeds_dtype(image_embeds.device.type, dtype))
 
-        embedding_output = self.embeddings(query_embeds, input_ids)  # (B, Q + T, H)
-        self_mask = self._self_attention_mask(embedding_output, attention_mask, query_length, attention_mode)
+        text_offset = past_length - self.config.num_query_tokens if past_length else 0  # cached text tokens
+        embedding_output = self.embeddings(query_embeds, input_ids, text_offset)  # (B, Q + T, H)
+        if past_length:
+            self_mask = self._continuation_mask(embedding_output, attention_mask, past_length)
+        else:
+            self_mask = self._self_attention_mask(embedding_output, attention_mask, query_length, attention_mode)
         image_mask = None
         if image_attention_mask is not None:
             image_mask = create_bidirectional_mask(
@@ -406,6 +432,7 @@ class QFormerModel(QFormerPreTrainedModel):
             query_length,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            kv_cache=kv_cache,
             **kwargs,
         )
         output = BridgeModelOutput(
@@ -458,6 +485,60 @@ class QFormerModel(QFormerPreTrainedModel):
         return create_bidirectional_mask(
             config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask, and_mask_function=structure
         )  # (B, 1, Q + T, Q + T) or None
+
+    def _continuation_mask(
+        self, embeddings: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int
+    ) -> torch.Tensor | None:
+        """Mask of new text tokens over `[cached queries and text; new text]` (multimodal-causal: each reads all of
+        the cache and the new text up to itself); `attention_mask` covers the whole text, cached part included."""
+        batch_size, length = embeddings.shape[:2]
+        num_queries = self.config.num_query_tokens
+        if attention_mask is not None:
+            query_mask = attention_mask.new_ones(batch_size, num_queries)
+            attention_mask = torch.cat([query_mask, attention_mask], dim=1)  # (B, S) with S = past + T
+
+        def structure(batch_idx, head_idx, q_idx, kv_idx):
+            return kv_idx <= q_idx + past_length  # q_idx counts the new tokens only
+
+        # The mask's key length comes from `encoder_hidden_states`; an empty-width tensor carries just the shape.
+        keys = embeddings.new_empty(batch_size, past_length + length, 0)
+        return create_bidirectional_mask(
+            config=self.config,
+            inputs_embeds=embeddings,
+            attention_mask=attention_mask,
+            encoder_hidden_states=keys,
+            and_mask_function=structure,
+        )  # (B, 1, T, S) or None
+
+    def _check_cache(
+        self,
+        kv_cache: Cache | None,
+        attention_mode: str,
+        use_queries: bool,
+        input_ids: torch.LongTensor | None,
+        query_embeds: torch.Tensor | None,
+    ) -> int:
+        """Tokens already in `kv_cache` (0 without one); raises a `ValueError` for a cache the pass cannot use."""
+        if kv_cache is None:
+            return 0
+        if attention_mode != "multimodal_causal":
+            # Under the other masks the queries read the text, so their cached keys / values would go stale.
+            raise ValueError(f"A KV cache needs attention_mode='multimodal_causal', not {attention_mode!r}.")
+        past_length = kv_cache.get_seq_length()
+        if past_length == 0 and not use_queries:
+            raise ValueError("An empty KV cache is filled by a pass with the queries: set use_queries=True.")
+        if past_length > 0 and use_queries:
+            raise ValueError("The KV cache already holds the queries: continue with use_queries=False.")
+        if query_embeds is not None and query_embeds.shape[1] != self.config.num_query_tokens:
+            # A continuation finds where the text starts in the cache by `num_query_tokens`.
+            raise ValueError(f"A KV cache needs exactly num_query_tokens={self.config.num_query_tokens} queries.")
+        text_length = past_length - self.config.num_query_tokens + (0 if input_ids is None else input_ids.shape[1])
+        if text_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Text of length {text_length} exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings}); truncate it."
+            )
+        return past_length
 
     def _check_inputs(
         self,

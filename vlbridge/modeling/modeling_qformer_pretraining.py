@@ -32,6 +32,7 @@ from . import stage1_losses as losses
 from .bridge_utils import check_pixel_values, vision_tower_features
 from .freezing import FrozenVisionTowerMixin
 from .modeling_qformer import QFormerModel
+from .qformer_captioning import QFormerCaptioner
 from .qformer_features import QFormerFeaturesMixin
 from .saving import SelfDescribingMixin
 from .stage1_accumulation import AccumulationWindow, windowed_forward
@@ -594,48 +595,77 @@ class QFormerForImageTextPretraining(
     # Captioning, BERT initialisation
     # ----------------------------------------------------------------------------------------------------------------
 
+    def get_captioner(self) -> QFormerCaptioner:
+        """The ITG decoder as a [`QFormerCaptioner`] (a `GenerationMixin` model) sharing this model's `qformer` and
+        `lm_head`: call its `generate(input_ids, image_embeds=...)` for anything `generate_captions` does not expose.
+        Built on each call and never registered as a submodule, so it adds nothing to the state dict."""
+        return QFormerCaptioner(self.config, self.qformer, self.lm_head)
+
     @torch.no_grad()
     def generate_captions(
-        self, pixel_values: torch.FloatTensor, max_new_tokens: int = 30, num_beams: int = 1
+        self,
+        pixel_values: torch.FloatTensor,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        repetition_penalty: float | None = None,
+        min_new_tokens: int | None = None,
+        num_return_sequences: int = 1,
+        **generate_kwargs,
     ) -> torch.LongTensor:
         """
-        Greedy captioning with the ITG head: starts from `decoder_start_token_id`, stops at `eos_token_id`.
-
-        The Q-Former is re-run on the whole prefix at every step (it has no KV cache); fine for captions of a few
-        dozen tokens.
+        Captions with the ITG head through transformers' `generate` ([`QFormerCaptioner`]): greedy by default, beam
+        search with `num_beams`, nucleus sampling with `do_sample=True, top_p=0.9` (BLIP's CapFilt). Starts from
+        `decoder_start_token_id`, stops at `eos_token_id`. The Q-Former keeps a KV cache (`use_cache=False` in
+        `generate_kwargs` re-runs the whole prefix each step, with the same result).
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 The images.
             max_new_tokens (`int`, *optional*, defaults to 30):
-                Longest caption, EOS included.
+                Longest caption, EOS included (capped by the Q-Former's `max_position_embeddings`).
             num_beams (`int`, *optional*, defaults to 1):
-                Only greedy decoding (1) is implemented.
+                Beam search with this many beams when above 1.
+            do_sample (`bool`, *optional*, defaults to `False`):
+                Sample instead of searching (seed with `torch.manual_seed` for reproducible captions).
+            top_p, temperature, repetition_penalty (`float`, *optional*):
+                Nucleus mass, softmax temperature and repetition penalty, as in `GenerationConfig`.
+            min_new_tokens (`int`, *optional*):
+                At least this many tokens before the EOS (which is forbidden until then).
+            num_return_sequences (`int`, *optional*, defaults to 1):
+                Captions per image (at most `num_beams` for beam search), consecutive rows.
+            generate_kwargs:
+                Anything else `generate` takes (`top_k`, `length_penalty`, `no_repeat_ngram_size`, `use_cache`, ...).
 
         Returns:
-            `torch.LongTensor` of shape `(batch_size, length)`: the generated ids after the decoder start token, each
-            row ending at its EOS and padded with `pad_token_id` after it.
+            `torch.LongTensor` of shape `(batch_size * num_return_sequences, length)`: the generated ids after the
+            decoder start token, each row ending at its EOS and padded with `pad_token_id` after it.
         """
-        if num_beams != 1:
-            raise NotImplementedError("generate_captions decodes greedily; beam search is not implemented.")
-        config = self.config
-        if config.decoder_start_token_id is None:
-            raise ValueError("Captioning needs config.decoder_start_token_id (BLIP-2's [DEC]).")
+        captioner = self.get_captioner()
         image_embeds = self.get_vision_features(check_pixel_values(pixel_values))  # (B, P, Dv)
         batch_size = image_embeds.shape[0]
-        ids = torch.full((batch_size, 1), config.decoder_start_token_id, dtype=torch.long, device=image_embeds.device)
-        finished = torch.zeros(batch_size, dtype=torch.bool, device=ids.device)
-        pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-        for _ in range(min(max_new_tokens, config.qformer_config.max_position_embeddings - 1)):
-            next_ids = self.compute_itg_logits(image_embeds, ids)[:, -1].argmax(dim=-1)  # (B,)
-            if pad_id is not None:
-                next_ids = next_ids.masked_fill(finished, pad_id)
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            if config.eos_token_id is not None:
-                finished |= next_ids == config.eos_token_id
-                if finished.all():
-                    break
-        return ids[:, 1:]
+        start = torch.full((batch_size, 1), self.config.decoder_start_token_id, device=image_embeds.device)
+        max_new_tokens = min(max_new_tokens, self.config.qformer_config.max_position_embeddings - 1)
+        options = {
+            "top_p": top_p,
+            "temperature": temperature,
+            "repetition_penalty": repetition_penalty,
+            "min_new_tokens": min_new_tokens,
+        }
+        generated = captioner.generate(
+            start,
+            image_embeds=image_embeds,
+            attention_mask=torch.ones_like(start),
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=do_sample,
+            num_return_sequences=num_return_sequences,
+            **{key: value for key, value in options.items() if value is not None},
+            **generate_kwargs,
+        )
+        return generated[:, 1:]
 
 
 __all__ = ["QFormerForImageTextPretraining", "QFormerLMHead", "QFormerPretrainingOutput"]
