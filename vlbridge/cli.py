@@ -89,6 +89,13 @@ TRAINING_COMMANDS = {
         "preference rows (images, prompt, chosen, rejected)",
     ),
 }
+# Scripts that are no training run (no default preset): command -> (one-line help, example).
+SCRIPT_COMMANDS = {
+    "capfilt": (
+        "BLIP's CapFilt: caption every image, keep the web and synthetic captions the ITM filter accepts.",
+        "vlbridge capfilt --captioner outputs/demo/stage1 --filter outputs/demo/stage1 --output_dir outputs/capfilt",
+    ),
+}
 # Earlier command lines, still accepted for one release: `vlbridge pretrain`, `vlbridge train --stage NAME`.
 RENAMED_COMMANDS = {"pretrain": "stage1"}
 RENAMED_STAGES = {"stage2": "stage2", "sft": "sft", "sft-trl": "sft_trl", "lora-sft": "lora_sft"}
@@ -338,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, purpose, _, _) in TRAINING_COMMANDS.items():
         # The script's own parser takes the flags (`run_script`); this entry gives the command its line in --help.
         commands[name] = subparsers.add_parser(name, help=purpose, add_help=False, allow_abbrev=False)
+    for name, (purpose, _) in SCRIPT_COMMANDS.items():
+        commands[name] = subparsers.add_parser(name, help=purpose, add_help=False, allow_abbrev=False)
     commands.update(_add_inference(subparsers))
     parser.commands = commands
     return parser
@@ -509,6 +518,14 @@ def _run(argv: list[str]) -> int:
     argv = _deprecated(argv)
     if argv and argv[0] in TRAINING_COMMANDS:
         return run_script(argv[0], argv[1:])
+    if argv and argv[0] in SCRIPT_COMMANDS:
+        script = importlib.import_module(f"vlbridge.scripts.{argv[0]}")
+        parser = script.make_parser()
+        purpose, example = SCRIPT_COMMANDS[argv[0]]
+        parser.prog, parser.formatter_class = f"vlbridge {argv[0]}", _HelpFormatter
+        parser.description = f"{purpose}\n\nexample:\n  {example}"
+        script.main(*parser.parse_args_and_config(argv[1:]))
+        return 0
     parser = build_parser()
     if argv and argv[0] in INFERENCE_COMMANDS:
         _apply_yaml_config(parser.commands[argv[0]], argv[0], argv)

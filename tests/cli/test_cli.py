@@ -42,6 +42,7 @@ def run_main(argv: list[str]) -> int:
         (["sft_trl"], "SFTTrainer"),
         (["lora_sft"], "LoRA SFT"),
         (["dpo"], "preference"),
+        (["capfilt"], "CapFilt"),
         (["caption"], "captions of images"),
         (["retrieve"], "every image against every text"),
         (["classify"], "every image against every label"),

@@ -189,6 +189,9 @@ def check_vlbridge(argv: list[str]) -> None:
             rest = ["--config", cli.TRAINING_COMMANDS[argv[0]][0], *rest]
         parse_script_flags(importlib.import_module(f"vlbridge.scripts.{argv[0]}").make_parser(), rest)
         return
+    if argv and argv[0] in cli.SCRIPT_COMMANDS:
+        parse_script_flags(importlib.import_module(f"vlbridge.scripts.{argv[0]}").make_parser(), argv[1:])
+        return
     parser = cli.build_parser()
     with argparse_errors():
         if argv and argv[0] in cli.INFERENCE_COMMANDS:
