@@ -87,3 +87,27 @@ def test_synthetic_captions_are_sampled_and_scored(stage1, tmp_path):
     synthetic = [row for row in data if row["source"] == "synthetic"]
     assert len(synthetic) == 24 and all(row["noisy"] is None for row in synthetic)
     assert all(0.0 <= row["itm_score"] <= 1.0 for row in synthetic)
+
+
+def test_two_processes_split_the_chunks_and_give_the_one_process_result(stage1, tmp_path, monkeypatch):
+    # As under `accelerate launch`: RANK / WORLD_SIZE in the environment; the second process runs beside this one.
+    import os
+    import subprocess
+    import sys
+
+    assert capfilt(stage1, tmp_path / "one") == 0
+    argv = ["capfilt", "--captioner", str(stage1), "--filter", str(stage1), "--output_dir", str(tmp_path / "two")]
+    argv += ["--num_images", "12", "--image_size", "32", "--chunk_images", "5", "--num_synthetic", "0"]
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    other = subprocess.Popen([sys.executable, "-m", "vlbridge.cli", *argv], env=env, stderr=subprocess.PIPE, text=True)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    try:
+        assert main(argv) == 0
+    finally:
+        _, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err[-2000:]
+    one, two = load(tmp_path / "one"), load(tmp_path / "two")
+    assert two["image_id"] == one["image_id"] and two["text"] == one["text"]
+    assert two["itm_score"] == pytest.approx(one["itm_score"])
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["web_kept"] == sum(one["kept"])

@@ -11,7 +11,8 @@ The output folder holds one parquet shard per `--chunk_images` images (`shard-00
 (image, text) pair with its provenance: `source` (`web` or `synthetic`), `itm_score` (the filter's match
 probability), `kept`; `summary.json` has the counts kept / dropped per source and, on the built-in noisy data, the
 filter's precision and recall at finding the wrong captions. Shards are written whole (to a temporary name, then
-renamed), so a killed run continues with `--resume` where it stopped, with nothing duplicated or lost. Load the
+renamed), so a killed run continues with `--resume` where it stopped, with nothing duplicated or lost. Under
+`accelerate launch` (or torchrun) each process takes every n-th chunk and the first one writes the summary. Load the
 result with `datasets.load_dataset("parquet", data_files="out/shard-*.parquet")` and keep the `kept` rows.
 
 The captioner and the filter are stage-1 Q-Former models (`vlbridge stage1`, or BLIP-2's released stage 1 after
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,10 +125,18 @@ def load_pairs(args: CapFiltArguments):
     return pairs
 
 
-def _start_run(args: CapFiltArguments, output: Path) -> None:
-    """Writes the run's settings, or checks them against those of the run in `output` when resuming."""
+def _start_run(args: CapFiltArguments, output: Path, rank: int = 0, poll_seconds: float = 1.0) -> None:
+    """Writes the run's settings, or checks them against those of the run in `output` when resuming. Under several
+    processes only the first one writes them; the others wait for them and check they run the same settings."""
     settings = {key: value for key, value in asdict(args).items() if key not in ("resume", "output_dir")}
     run_file = output / RUN_FILE
+    if rank != 0:
+        while not run_file.is_file():
+            time.sleep(poll_seconds)
+        changed = sorted(key for key in settings if json.loads(run_file.read_text()).get(key) != settings[key])
+        if changed:
+            raise ValueError(f"This process runs other settings than the first one: {changed}.")
+        return
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
         if not args.resume:
@@ -247,6 +257,16 @@ def _write_shard(rows: list[dict], path: Path) -> None:
     os.replace(temporary, path)
 
 
+def _wait_for(shards: list[Path], world_size: int, poll_seconds: float = 2.0) -> None:
+    """The first process summarises once every process has written its shards (no process group needed)."""
+    missing = [shard for shard in shards if not shard.is_file()]
+    if missing and world_size > 1:
+        print(f"waiting for the other processes' {len(missing)} shard(s)...", flush=True)
+    while missing:
+        time.sleep(poll_seconds)
+        missing = [shard for shard in missing if not shard.is_file()]
+
+
 def summarize(shards: list[Path]) -> dict:
     """Kept / dropped per source and, where the web captions carry `noisy`, the filter's precision and recall."""
     from datasets import Dataset
@@ -287,14 +307,15 @@ def main(args: CapFiltArguments) -> ScriptResult:
     output = Path(args.output_dir)
     captioner, filter_ = load_models(args)
     pairs = load_pairs(args)
-    _start_run(args, output)
-    torch.manual_seed(args.seed)
+    # Under `accelerate launch` / torchrun each process takes every world_size-th chunk; the shards are the merge.
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    _start_run(args, output, rank)
     groups = _image_groups(pairs)
     chunks = [groups[start : start + args.chunk_images] for start in range(0, len(groups), args.chunk_images)]
     shards = [output / f"shard-{number:05d}.parquet" for number in range(len(chunks))]
     skipped: list[dict] = []
     for number, (chunk, shard) in enumerate(zip(tqdm(chunks, desc="CapFilt chunks"), shards)):
-        if shard.is_file():  # written by the run being resumed
+        if shard.is_file() or number % world_size != rank:  # written by the run being resumed, or another process's
             continue
         # Each chunk samples from its own seed: a resumed run writes what an uninterrupted one would have.
         torch.manual_seed(args.seed * 100_003 + number)
@@ -303,6 +324,9 @@ def main(args: CapFiltArguments) -> ScriptResult:
         # The skipped images of a chunk are recorded beside it, before the shard, so that a resumed run counts them.
         shard.with_suffix(".skipped.json").write_text(json.dumps(chunk_skipped))
         _write_shard(rows, shard)
+    if rank != 0:
+        return ScriptResult({}, str(output))
+    _wait_for(shards, world_size)
     for shard in shards:
         skipped += json.loads(shard.with_suffix(".skipped.json").read_text())
     summary = {**summarize(shards), "skipped_images": len(skipped)}
