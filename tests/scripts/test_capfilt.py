@@ -111,3 +111,16 @@ def test_two_processes_split_the_chunks_and_give_the_one_process_result(stage1, 
     assert two["image_id"] == one["image_id"] and two["text"] == one["text"]
     assert two["itm_score"] == pytest.approx(one["itm_score"])
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["web_kept"] == sum(one["kept"])
+
+
+def test_the_kept_captions_feed_the_next_pretraining_round(stage1, tmp_path):
+    from vlbridge.data.user import load_user_dataset
+
+    assert capfilt(stage1, tmp_path / "out", "--num_synthetic", "1", "--max_new_tokens", "5") == 0
+    shards = load(tmp_path / "out")
+    pairs = load_user_dataset(tmp_path / "out", "captions", "vlbridge stage1")
+    assert len(pairs) == sum(shards["kept"]) and {"image", "caption", "image_id", "source"} <= set(pairs.column_names)
+    assert pairs["caption"] == [row["text"] for row in shards if row["kept"]]
+    argv = ["stage1", "--dataset", str(tmp_path / "out"), "--output_dir", str(tmp_path / "next"), "--max_steps", "1"]
+    argv += ["--image_size", "32", "--vision_layers", "1", "--k_test", "2", "--eval_fraction", "0.25"]
+    assert main([*argv, "--disable_tqdm", "true"]) == 0

@@ -8,8 +8,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from transformers.utils import logging
+
 from .local import check_paths_inside, load_image_text_folder, load_image_text_jsonl, normalize_messages
 from .shards import load_image_text_shards
+
+
+logger = logging.get_logger(__name__)
 
 
 # What each kind of `--dataset` holds, in the words of `--help` and of the error a dataset of another kind gets.
@@ -21,7 +26,8 @@ DATASET_COLUMNS = {
 
 DATASET_FORMATS = {
     "captions": 'a folder of images with a metadata.jsonl ({"file_name": "1.png", "text": "a red circle"} per '
-    'line), a .jsonl of {"image": "1.png", "caption": "..."} lines, or .tar shards (a path or a brace pattern)',
+    'line), a .jsonl of {"image": "1.png", "caption": "..."} lines, .tar shards (a path or a brace pattern), or '
+    "the output folder of vlbridge capfilt (its kept captions)",
     "chats": 'a folder with a metadata.jsonl, a .jsonl or .tar shards whose rows hold a chat: {"images": ["1.png"], '
     '"messages": [{"role": "user", "content": "<image> what is it?"}, {"role": "assistant", "content": "..."}]}',
     "preferences": 'a .jsonl of preference rows as TRL\'s DPOTrainer takes them: {"images": ["1.png"], "prompt": '
@@ -103,6 +109,36 @@ def load_preference_jsonl(path: str | os.PathLike, allow_outside_paths: bool = F
     return Dataset.from_list(rows).cast_column("images", List(Image()))
 
 
+# The file `vlbridge capfilt` writes into its output folder beside its shards.
+CAPFILT_RUN_FILE = "capfilt_run.json"
+
+
+def load_capfilt_output(folder: str | os.PathLike):
+    """
+    The captions `vlbridge capfilt` kept, as a caption dataset for the next pretraining round: its parquet shards'
+    `kept` rows, `text` as `caption`, with their `source` (web / synthetic) and `itm_score`. The dropped rows stay in
+    the shards with their scores; the count of each is logged.
+
+    Args:
+        folder (`str` or `os.PathLike`): A `vlbridge capfilt` output folder.
+
+    Returns:
+        `datasets.Dataset` with `image`, `caption`, `image_id`, `source`, `itm_score`.
+    """
+    from datasets import Dataset
+
+    shards = sorted(Path(folder).glob("shard-*.parquet"))
+    if not shards:
+        raise FileNotFoundError(
+            f"{folder} holds a CapFilt run but no shard: let it finish, or rerun it with --resume."
+        )
+    data = Dataset.from_parquet([str(shard) for shard in shards])
+    kept = data.filter(lambda row: row["kept"])
+    logger.info(f"CapFilt output {folder}: {len(kept)} captions kept, {len(data) - len(kept)} dropped by the filter.")
+    kept = kept.rename_column("text", "caption")
+    return kept.select_columns(["image", "caption", "image_id", "source", "itm_score"])
+
+
 def load_user_dataset(path: str | os.PathLike, kind: str, command: str, allow_outside_paths: bool = False):
     """
     A `--dataset` given on the command line, loaded as `vlbridge stage1 --dataset` loads it (a folder with a
@@ -144,7 +180,9 @@ def load_user_dataset(path: str | os.PathLike, kind: str, command: str, allow_ou
     expected = DATASET_COLUMNS[kind]
     source = Path(path)
     text = str(path)
-    if source.is_dir():
+    if source.is_dir() and (source / CAPFILT_RUN_FILE).is_file():
+        dataset = load_capfilt_output(source)
+    elif source.is_dir():
         dataset = load_image_text_folder(source, allow_outside_paths=allow_outside_paths)
     elif source.suffix == ".jsonl":
         if not source.is_file():
@@ -172,4 +210,4 @@ def load_user_dataset(path: str | os.PathLike, kind: str, command: str, allow_ou
     return dataset
 
 
-__all__ = ["DATASET_COLUMNS", "DATASET_FORMATS", "load_preference_jsonl", "load_user_dataset"]
+__all__ = ["DATASET_COLUMNS", "DATASET_FORMATS", "load_capfilt_output", "load_preference_jsonl", "load_user_dataset"]

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..data import make_synthetic_image_text
 from ..data.synthetic_noisy import add_caption_noise
+from ..data.user import CAPFILT_RUN_FILE as RUN_FILE
 from ..data.user import load_user_dataset
 from ..processing.image_utils import to_rgb_image
 from ..trainers import ImageTextCollator
@@ -41,7 +42,6 @@ from .inference import load_checkpoint
 from .utils import OUTSIDE_PATHS_HELP, ScriptParser, ScriptResult
 
 
-RUN_FILE = "capfilt_run.json"
 SUMMARY_FILE = "summary.json"
 
 
