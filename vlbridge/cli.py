@@ -126,21 +126,28 @@ def _script_description(purpose: str, preset: str, example: str, data: str) -> s
     )
 
 
-def run_script(command: str, argv: list[str]) -> int:
-    """Runs `vlbridge.scripts.<command>` on `argv`, with `--config <its preset>` unless `argv` names one."""
-    preset, purpose, example, data = TRAINING_COMMANDS[command]
+def _run_script_command(command: str, argv: list[str], description: str, usage: str | None = None) -> int:
+    """Runs `vlbridge.scripts.<command>` on `argv` with its own parser, presented as `vlbridge <command>`."""
     from .scripts.utils import run_script
 
     parser = importlib.import_module(f"vlbridge.scripts.{command}").make_parser()
-    parser.prog = f"vlbridge {command}"
-    parser.description = _script_description(purpose, preset, example, data)
-    parser.formatter_class = _HelpFormatter
-    parser.usage = f"vlbridge {command} [-h] [--config PRESET] [--ARGUMENT VALUE ...]"
+    parser.prog, parser.description, parser.formatter_class = f"vlbridge {command}", description, _HelpFormatter
+    if usage is not None:
+        parser.usage = usage
+    run_script(command, argv, parser)
+    return 0
+
+
+def run_script(command: str, argv: list[str]) -> int:
+    """Runs the training script `vlbridge.scripts.<command>` on `argv`, with `--config <its preset>` unless `argv`
+    names one."""
+    preset, purpose, example, data = TRAINING_COMMANDS[command]
     if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
         argv = ["--config", preset, *argv]
     # The parser (TRL's TrlParser) makes the preset's values its defaults: `--help` shows what a run really uses.
-    run_script(command, argv, parser)
-    return 0
+    description = _script_description(purpose, preset, example, data)
+    usage = f"vlbridge {command} [-h] [--config PRESET] [--ARGUMENT VALUE ...]"
+    return _run_script_command(command, argv, description, usage)
 
 
 def _deprecated(argv: list[str]) -> list[str]:
@@ -519,13 +526,8 @@ def _run(argv: list[str]) -> int:
     if argv and argv[0] in TRAINING_COMMANDS:
         return run_script(argv[0], argv[1:])
     if argv and argv[0] in SCRIPT_COMMANDS:
-        script = importlib.import_module(f"vlbridge.scripts.{argv[0]}")
-        parser = script.make_parser()
         purpose, example = SCRIPT_COMMANDS[argv[0]]
-        parser.prog, parser.formatter_class = f"vlbridge {argv[0]}", _HelpFormatter
-        parser.description = f"{purpose}\n\nexample:\n  {example}"
-        script.main(*parser.parse_args_and_config(argv[1:]))
-        return 0
+        return _run_script_command(argv[0], argv[1:], f"{purpose}\n\nexample:\n  {example}")
     parser = build_parser()
     if argv and argv[0] in INFERENCE_COMMANDS:
         _apply_yaml_config(parser.commands[argv[0]], argv[0], argv)

@@ -189,9 +189,10 @@ def _read_json(path: Path) -> dict | None:
 def _exported_class(name: str) -> type | None:
     """The class `vlbridge.<name>`, if the package exports one by that name (its configs, processors and models)."""
     # The public classes are those of the core packages, read here without importing the top-level package.
-    from .. import configuration, modeling, processing
+    import importlib
 
-    for package in (configuration, processing, modeling):
+    for subpackage in ("configuration", "processing", "modeling"):
+        package = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.{subpackage}")
         if name in getattr(package, "__all__", ()):
             candidate = getattr(package, name)
             return candidate if isinstance(candidate, type) else None

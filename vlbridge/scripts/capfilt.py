@@ -205,21 +205,23 @@ def process_chunk(captioner, filter_, pairs, groups, args: CapFiltArguments, ski
     for start in range(0, len(groups), args.batch_size):
         batch, images = [], []
         for image_id, members in groups[start : start + args.batch_size]:
+            # Each row is read (and its image decoded) once; an image's web captions are its rows' captions.
+            records = [pairs[row] for row in members]
             try:
-                images.append(to_rgb_image(pairs[members[0]]["image"]))
-                batch.append((image_id, members))
+                images.append(to_rgb_image(records[0]["image"]))
+                batch.append((image_id, records))
             except Exception as error:  # a corrupt image: counted, reported, the run goes on
                 skipped.append({"image_id": image_id, "error": " ".join(str(error).split())[:200]})
         if not batch:
             continue
-        web = [[pairs[row]["caption"] for row in members] for _, members in batch]
+        web = [[record["caption"] for record in records] for _, records in batch]
         synthetic = synthetic_captions(captioner, images, args)
         scores = match_probabilities(filter_, images, [w + s for w, s in zip(web, synthetic)])
-        for (image_id, members), image, web_texts, synthetic_texts, row_scores in zip(
+        for (image_id, records), image, web_texts, synthetic_texts, row_scores in zip(
             batch, images, web, synthetic, scores
         ):
             sources = ["web"] * len(web_texts) + ["synthetic"] * len(synthetic_texts)
-            extras = [pairs[row] for row in members] + [{}] * len(synthetic_texts)
+            extras = records + [{}] * len(synthetic_texts)
             for text, source, score, extra in zip(web_texts + synthetic_texts, sources, row_scores, extras):
                 rows.append(
                     {
@@ -272,15 +274,17 @@ def summarize(shards: list[Path]) -> dict:
     from datasets import Dataset
 
     data = Dataset.from_parquet([str(path) for path in shards]).remove_columns("image")
+    # The three columns are read once; the counts are taken over them.
+    rows = list(zip(data["source"], data["kept"], data["noisy"]))
     summary: dict = {}
     for source in ("web", "synthetic"):
-        kept = [row["kept"] for row in data if row["source"] == source]
+        kept = [row_kept for row_source, row_kept, _ in rows if row_source == source]
         summary[f"{source}_kept"], summary[f"{source}_dropped"] = sum(kept), len(kept) - sum(kept)
-    web = [row for row in data if row["source"] == "web" and row["noisy"] is not None]
+    web = [(kept, noisy) for source, kept, noisy in rows if source == "web" and noisy is not None]
     if web:
-        dropped_noisy = sum(1 for row in web if not row["kept"] and row["noisy"])
-        dropped = sum(1 for row in web if not row["kept"])
-        noisy = sum(1 for row in web if row["noisy"])
+        dropped_noisy = sum(1 for kept, noisy in web if not kept and noisy)
+        dropped = sum(1 for kept, _ in web if not kept)
+        noisy = sum(1 for _, noisy in web if noisy)
         summary["filter_precision"] = dropped_noisy / dropped if dropped else math.nan
         summary["filter_recall"] = dropped_noisy / noisy if noisy else math.nan
     return summary
