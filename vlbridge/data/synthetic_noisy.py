@@ -43,6 +43,18 @@ def _scene_key(objects: list[dict]) -> tuple:
     return tuple(sorted((obj["colour"], obj["shape"], obj["size"]) for obj in objects))
 
 
+def _other_scene_row(scenes: list[tuple], row: int, rng: random.Random) -> int:
+    """A random row showing another scene than `row`'s: a few draws nearly always find one, a scan proves none."""
+    for _ in range(64):
+        other = rng.randrange(len(scenes))
+        if scenes[other] != scenes[row]:
+            return other
+    others = [other for other in range(len(scenes)) if scenes[other] != scenes[row]]
+    if not others:
+        raise ValueError("add_caption_noise cannot swap captions: every row shows the same scene.")
+    return rng.choice(others)
+
+
 def add_caption_noise(dataset, noise: float, seed: int = 0, kinds: tuple[str, ...] = NOISE_KINDS):
     """
     Makes a share `noise` of the rows of an image-text set wrong, evenly over `kinds`, and records which.
@@ -92,10 +104,7 @@ def add_caption_noise(dataset, noise: float, seed: int = 0, kinds: tuple[str, ..
         changed = _change_attribute(captions[row], objects[row], rng) if kind == "attribute" else None
         if changed is None:
             kind = "swap"
-            others = [other for other in range(len(captions)) if scenes[other] != scenes[row]]
-            if not others:
-                raise ValueError("add_caption_noise cannot swap captions: every row shows the same scene.")
-            changed = captions[rng.choice(others)]
+            changed = captions[_other_scene_row(scenes, row, rng)]
         new[row], kind_of[row] = changed, kind
     dataset = dataset.rename_column("caption", "clean_caption").add_column("caption", new)
     dataset = dataset.add_column("noisy", [bool(kind) for kind in kind_of])

@@ -26,6 +26,7 @@ from ..data import (
     group_captions,
     make_synthetic_image_text,
 )
+from ..data.synthetic_noisy import add_caption_noise
 from ..data.user import load_user_dataset
 from ..evaluation import evaluate_stage1
 from ..hub.checkpoint import describe_checkpoint, describe_train_data
@@ -50,6 +51,13 @@ class DataArguments:
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Local data: share of images held out."})
     data_seed_value: int = field(default=0, metadata={"help": "Seed of the built-in data."})
+    caption_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Built-in data: share of the training captions made wrong (another scene's caption, or one "
+            "colour / shape word changed), a stand-in for web alt-text noise; the held-out captions stay true."
+        },
+    )
     k_test: int = field(default=16, metadata={"help": "Held-out retrieval: candidates re-ranked by ITM (LAVIS: 128)."})
 
 
@@ -113,9 +121,14 @@ def load_data(args: DataArguments):
             captions_per_image=args.captions_per_image,
             max_objects=args.max_objects,
         )
+        train = splits["train"]
+        if args.caption_noise:
+            train = add_caption_noise(train, args.caption_noise, seed=args.data_seed_value)
         # Every word of the built-in data, questions and prompts too, not only the captions': the stage-1 tokenizer
         # is also the Q-Former's in InstructBLIP mode, where the instruction enters the Q-Former.
-        return splits["train"], group_captions(splits["test"]), chat_vocabulary()
+        return train, group_captions(splits["test"]), chat_vocabulary()
+    if args.caption_noise:
+        raise ValueError("--caption_noise applies to the built-in data only (--dataset builtin).")
     pairs = load_user_dataset(args.dataset, "captions", "vlbridge stage1", args.allow_outside_paths)
     if "image_id" not in pairs.column_names:
         pairs = pairs.add_column("image_id", list(range(len(pairs))))
