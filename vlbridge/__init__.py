@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from transformers import AutoImageProcessor, AutoProcessor
 
 from .configuration import (
+    BlipMEDConfig,
     BridgeVLMConfig,
     MLPProjectorConfig,
     PerceiverResamplerConfig,
@@ -50,6 +51,7 @@ AutoImageProcessor.register(
 )
 
 __all__ = [
+    "BlipMEDConfig",
     "BridgeAnyResImageProcessor",
     "BridgeModelOutput",
     "BridgeProcessor",

@@ -21,7 +21,13 @@ from .configuration_qformer_pretraining import QFormerPretrainingConfig  # noqa:
 
 AutoConfig.register(QFormerPretrainingConfig.model_type, QFormerPretrainingConfig, exist_ok=True)
 
+from .configuration_blip_med import BlipMEDConfig  # noqa: E402
+
+
+AutoConfig.register(BlipMEDConfig.model_type, BlipMEDConfig, exist_ok=True)
+
 __all__ = [
+    "BlipMEDConfig",
     "BridgeVLMConfig",
     "MLPProjectorConfig",
     "PerceiverResamplerConfig",
