@@ -273,6 +273,16 @@ class QFormerForImageTextPretraining(
             for _, model_m in self._momentum_pairs():
                 model_m.requires_grad_(False)
 
+    @property
+    def supports_captioning(self) -> bool:
+        """Whether [`generate_captions`] can write captions (an ITG head and a decoder start token)."""
+        return self.config.decoder_start_token_id is not None
+
+    @property
+    def supports_matching(self) -> bool:
+        """Whether `compute_itm_logits` scores (image, text) pairs (every stage-1 model has its ITM head)."""
+        return True
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.qformer.get_input_embeddings()
 
