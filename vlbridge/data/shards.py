@@ -1,5 +1,6 @@
 """
-WebDataset-style tar shards, loaded or streamed, and a Trainer callback that reports the images the loaders skipped.
+WebDataset-style tar shards, loaded or streamed (a `datasets.IterableDataset`, or plain rows for a consumer that
+holds a bounded window of them), and a Trainer callback that reports the images the loaders skipped.
 
 A shard is a tar file (optionally gzip / bz2 / xz compressed) in which the files of one sample are consecutive and
 share a key: the member's path up to the first dot of its file name. `000123.jpg` + `000123.txt` is an image and its
@@ -22,6 +23,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -246,6 +248,67 @@ def _is_chat(paths: list[Path]) -> bool:
     return False
 
 
+@dataclass
+class ShardRows:
+    """
+    One pass over tar shards as plain rows, in shard order, without `datasets` (what [`iter_image_text_shards`]
+    returns): nothing is read before `rows` is iterated, and each row is dropped as soon as the caller lets it go.
+
+    Args:
+        rows (`Iterator[dict]`): `{"image", "caption", "image_id"}` rows, or `{"images", "messages"}` for chats; an
+            image is an undecoded `{"bytes": ..., "path": ...}` value (what `datasets.Image(decode=False)` holds).
+        chat (`bool`): Whether the shards hold chats rather than captions.
+        report (`LoadReport`): Filled in as `rows` is read (complete once it is exhausted).
+    """
+
+    rows: Iterator[dict]
+    chat: bool
+    report: LoadReport
+
+    @property
+    def column_names(self) -> list[str]:
+        """The keys of every row, as `load_image_text_shards`' columns."""
+        return list((_chat_features() if self.chat else _caption_features()).keys())
+
+
+def _open_shards(
+    pattern_or_paths: str | os.PathLike | Iterable[str | os.PathLike], verify_images: bool
+) -> tuple[_ShardStream, list[tuple[int, str]], bool, LoadReport]:
+    """The stream, its `gen_kwargs` shards, whether they hold chats, and the report it fills in."""
+    paths = _resolve_shards(pattern_or_paths)
+    chat = _is_chat(paths)
+    report = LoadReport(", ".join(path.name for path in paths[:3]) + (", ..." if len(paths) > 3 else ""))
+    stream = _ShardStream(len(paths), chat, verify_images, report)
+    return stream, [(index, os.fspath(path)) for index, path in enumerate(paths)], chat, report
+
+
+def iter_image_text_shards(
+    pattern_or_paths: str | os.PathLike | Iterable[str | os.PathLike], verify_images: bool = False
+) -> ShardRows:
+    """
+    One pass over WebDataset-style tar shards as plain Python rows, for a consumer that holds only a bounded window
+    of them (`vlbridge capfilt` holds one output chunk): the same samples, rows, image ids and skipped-sample
+    counting as [`load_image_text_shards`], read by the same generator, but with no `datasets` layer in between, so
+    that nothing buffers rows behind the caller's back and images stay undecoded until the caller decodes them.
+
+    Args:
+        pattern_or_paths (`str`, `os.PathLike` or a list of them):
+            Shard paths, globs or brace ranges, as [`load_image_text_shards`] takes them.
+        verify_images (`bool`, *optional*, defaults to `False`):
+            Decode every image once as it is read and skip unreadable ones (counted in the report). Off by default:
+            a consumer that skips rows (a resumed run) should not pay for their decoding, and one that decodes
+            them anyway can count what fails itself.
+
+    Returns:
+        [`ShardRows`]: the row iterator, whether the shards hold chats, and the live `LoadReport`.
+
+    Raises:
+        `FileNotFoundError`: if a path, glob or range names no file.
+    """
+    stream, shards, chat, report = _open_shards(pattern_or_paths, verify_images)
+    return ShardRows(stream(shards), chat, report)
+
+
 def load_image_text_shards(
     pattern_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
     streaming: bool = False,
@@ -303,11 +366,7 @@ def load_image_text_shards(
     (['a red square'], ['shard-000.tar:0002.png'])
     ```
     """
-    paths = _resolve_shards(pattern_or_paths)
-    chat = _is_chat(paths)
-    report = LoadReport(", ".join(path.name for path in paths[:3]) + (", ..." if len(paths) > 3 else ""))
-    stream = _ShardStream(len(paths), chat, verify_images, report)
-    shards = [(index, os.fspath(path)) for index, path in enumerate(paths)]
+    stream, shards, chat, report = _open_shards(pattern_or_paths, verify_images)
     features = _chat_features() if chat else _caption_features()
     datasets = require_datasets()
     if streaming:
@@ -405,4 +464,4 @@ class SkippedImagesCallback(TrainerCallback):
         return control
 
 
-__all__ = ["SkippedImagesCallback", "load_image_text_shards"]
+__all__ = ["ShardRows", "SkippedImagesCallback", "iter_image_text_shards", "load_image_text_shards"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers.utils import logging
 
 from .local import check_paths_inside, load_image_text_folder, load_image_text_jsonl, normalize_messages
-from .shards import load_image_text_shards
+from .shards import ShardRows, iter_image_text_shards, load_image_text_shards
 
 
 logger = logging.get_logger(__name__)
@@ -139,6 +139,55 @@ def load_capfilt_output(folder: str | os.PathLike):
     return kept.select_columns(["image", "caption", "image_id", "source", "itm_score"])
 
 
+def is_shard_dataset(path: str | os.PathLike) -> bool:
+    """
+    Whether a `--dataset` names tar shards (a `.tar` path, a glob or a brace range) rather than a folder or a
+    `.jsonl`: the one rule [`load_user_dataset`] and [`stream_user_shards`] share.
+
+    Example:
+
+    ```python
+    >>> from vlbridge.data.user import is_shard_dataset
+    >>> is_shard_dataset("data/shard-{000..009}.tar"), is_shard_dataset("captions.jsonl")
+    (True, False)
+    ```
+    """
+    text = str(path)
+    if Path(text).is_dir() or Path(text).suffix == ".jsonl":
+        return False
+    return Path(text).suffix == ".tar" or any(mark in text for mark in "*{[")
+
+
+def _check_columns(columns: list[str], kind: str, text: str, command: str) -> None:
+    expected = DATASET_COLUMNS[kind]
+    if not set(expected) <= set(columns):
+        raise ValueError(
+            f"{command} takes {kind} (columns {', '.join(expected)}); {text} holds columns {', '.join(columns)}."
+        )
+
+
+def stream_user_shards(path: str | os.PathLike, kind: str, command: str) -> ShardRows:
+    """
+    A `--dataset` of tar shards as one pass of plain rows ([`~vlbridge.data.shards.iter_image_text_shards`]), for a
+    command that processes data larger than memory a bounded window at a time; checked, before any row is read, to
+    be of the `kind` the command takes. Images stay undecoded (`{"bytes", "path"}`) and unverified.
+
+    Args:
+        path (`str` or `os.PathLike`): The shards (see [`is_shard_dataset`]).
+        kind (`str`): `"captions"` or `"chats"` (see `DATASET_COLUMNS`).
+        command (`str`): The command, for the error (`"vlbridge capfilt"`).
+
+    Returns:
+        [`~vlbridge.data.shards.ShardRows`]
+
+    Raises:
+        `ValueError`: One line naming the columns `command` expects, when the shards hold the other kind.
+    """
+    shards = iter_image_text_shards(str(path))
+    _check_columns(shards.column_names, kind, str(path), command)
+    return shards
+
+
 def load_user_dataset(path: str | os.PathLike, kind: str, command: str, allow_outside_paths: bool = False):
     """
     A `--dataset` given on the command line, loaded as `vlbridge stage1 --dataset` loads it (a folder with a
@@ -196,18 +245,22 @@ def load_user_dataset(path: str | os.PathLike, kind: str, command: str, allow_ou
             )
         else:
             dataset = load_image_text_jsonl(source, allow_outside_paths=allow_outside_paths)
-    elif source.suffix == ".tar" or any(mark in text for mark in "*{["):
+    elif is_shard_dataset(text):
         dataset = load_image_text_shards(text)
     else:
         raise FileNotFoundError(
             f"--dataset {text!r} is no folder, .jsonl file or .tar shard: {command} takes {DATASET_FORMATS[kind]}."
         )
-    columns = list(dataset.column_names or [])
-    if not set(expected) <= set(columns):
-        raise ValueError(
-            f"{command} takes {kind} (columns {', '.join(expected)}); {text} holds columns {', '.join(columns)}."
-        )
+    _check_columns(list(dataset.column_names or []), kind, text, command)
     return dataset
 
 
-__all__ = ["DATASET_COLUMNS", "DATASET_FORMATS", "load_capfilt_output", "load_preference_jsonl", "load_user_dataset"]
+__all__ = [
+    "DATASET_COLUMNS",
+    "DATASET_FORMATS",
+    "is_shard_dataset",
+    "load_capfilt_output",
+    "load_preference_jsonl",
+    "load_user_dataset",
+    "stream_user_shards",
+]

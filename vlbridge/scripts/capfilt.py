@@ -4,19 +4,25 @@ image (nucleus sampling), a filter scores every web and synthetic caption with I
 
     # the built-in captions with 40% of them made wrong, a stage-1 model as captioner and as filter
     vlbridge capfilt --captioner outputs/demo/stage1 --filter outputs/demo/stage1 --output_dir outputs/capfilt
-    # your own captions (a folder with metadata.jsonl, a .jsonl, or .tar shards)
+    # your own captions (a folder with metadata.jsonl, a .jsonl, or .tar shards, which are streamed)
     vlbridge capfilt --captioner outputs/stage1 --filter outputs/stage1 --dataset my_captions/ --output_dir out
+    # as BLIP: captioner and filter first fine-tuned on a clean set (here built-in images none of the web's)
+    vlbridge capfilt --captioner outputs/stage1 --filter outputs/stage1 --clean_dataset builtin --output_dir out
 
 The output folder holds one parquet shard per `--chunk_images` images (`shard-00000.parquet`, ...), each row an
 (image, text) pair with its provenance: `source` (`web` or `synthetic`), `itm_score` (the filter's match
 probability), `kept`; `summary.json` has the counts kept / dropped per source and, on the built-in noisy data, the
-filter's precision and recall at finding the wrong captions. Shards are written whole (to a temporary name, then
-renamed), so a killed run continues with `--resume` where it stopped, with nothing duplicated or lost. Under
-`accelerate launch` (or torchrun) each process takes every n-th chunk and the first one writes the summary. Load the
-result with `datasets.load_dataset("parquet", data_files="out/shard-*.parquet")` and keep the `kept` rows.
+filter's precision and recall at finding the wrong captions; `report.html` shows them with example images and their
+captions. Shards are written whole (to a temporary name, then renamed), so a killed run continues with `--resume`
+where it stopped, with nothing duplicated or lost. `.tar` shards are streamed: at most one chunk of images is held
+at a time (`vlbridge.scripts.capfilt_data`). Under `accelerate launch` (or torchrun) each process takes every n-th
+chunk and the first one writes the summary and the report. Load the result with
+`datasets.load_dataset("parquet", data_files="out/shard-*.parquet")` and keep the `kept` rows.
 
-The captioner and the filter are stage-1 Q-Former models (`vlbridge stage1`, or BLIP-2's released stage 1 after
-`vlbridge convert`); BLIP's MED model is not in vlbridge yet.
+The captioner and the filter are any stage-1 style models that say they can caption (`supports_captioning`) and
+match (`supports_matching`): vlbridge's Q-Former (`vlbridge stage1`, or BLIP-2's released stage 1 after
+`vlbridge convert`), or BLIP's MED model. With `--clean_dataset` copies of them are first fine-tuned as BLIP does
+(`vlbridge.scripts.capfilt_clean`) and saved into the output folder.
 """
 
 from __future__ import annotations
@@ -32,48 +38,93 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import make_synthetic_image_text
-from ..data.synthetic_noisy import add_caption_noise
 from ..data.user import CAPFILT_RUN_FILE as RUN_FILE
-from ..data.user import load_user_dataset
 from ..processing.image_utils import to_rgb_image
 from ..trainers import ImageTextCollator
-from .inference import load_checkpoint
+from .capfilt_clean import finetune_models, load_clean_data
+from .capfilt_data import ImageChunks, ImageGroup, load_web_data
+from .capfilt_models import CapFiltModel, load_model
+from .capfilt_report import write_report
 from .utils import OUTSIDE_PATHS_HELP, ScriptParser, ScriptResult
 
 
 SUMMARY_FILE = "summary.json"
+# Settings that change only how the result is shown: a resumed run may change them.
+_PRESENTATION = ("resume", "output_dir", "report_examples")
 
 
 @dataclass
 class CapFiltArguments:
     """What `vlbridge capfilt` reads, writes and how it decides."""
 
-    captioner: str | None = field(default=None, metadata={"help": "A stage-1 folder whose ITG head writes captions."})
-    filter: str | None = field(default=None, metadata={"help": "A stage-1 folder whose ITM head scores captions."})
-    output_dir: str = field(default="outputs/capfilt", metadata={"help": "Where the shards and the summary go."})
+    captioner: str | None = field(
+        default=None, metadata={"help": "A stage-1 style folder whose model writes captions (supports_captioning)."}
+    )
+    filter: str | None = field(
+        default=None, metadata={"help": "A stage-1 style folder whose ITM head scores captions (supports_matching)."}
+    )
+    output_dir: str = field(
+        default="outputs/capfilt", metadata={"help": "Where the shards, the summary and the report go."}
+    )
     dataset: str = field(
         default="builtin",
         metadata={
             "help": "'builtin' (the built-in captions with --noise of them made wrong), or your own captions: a "
-            "folder with a metadata.jsonl, a .jsonl of image / caption lines, or .tar shards."
+            "folder with a metadata.jsonl, a .jsonl of image / caption lines, or .tar shards (streamed: memory "
+            "bounded by --chunk_images)."
         },
     )
     allow_outside_paths: bool = field(default=False, metadata={"help": OUTSIDE_PATHS_HELP})
     noise: float = field(default=0.4, metadata={"help": "Built-in data: the share of captions made wrong."})
     num_images: int = field(default=500, metadata={"help": "Built-in data: images."})
+    num_eval_images: int = field(
+        default=0,
+        metadata={
+            "help": "Built-in data: the test images a `vlbridge stage1` run set aside (its --num_eval_images). With "
+            "that run's --num_train_images, --captions_per_image, --data_seed_value and --caption_noise as "
+            "--num_images, --captions_per_image, --data_seed_value and --noise, the web pairs are its training pairs."
+        },
+    )
     captions_per_image: int = field(default=1, metadata={"help": "Built-in data: web captions per image."})
     image_size: int = field(default=48, metadata={"help": "Built-in data: image side (as the models were trained)."})
     max_objects: int = field(default=2, metadata={"help": "Built-in data: most objects per scene."})
     data_seed_value: int = field(default=1, metadata={"help": "Built-in data: seed (1: scenes unlike training's)."})
+    clean_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "First fine-tune copies of the captioner (ITG only) and the filter (ITC + ITM) on clean "
+            "captions, as BLIP does on COCO, saved into OUTPUT_DIR/captioner and OUTPUT_DIR/filter and used for "
+            "CapFilt: 'builtin' (--clean_images built-in images of --clean_seed_value, none of them a web image), "
+            "or a path in the formats --dataset takes. Unset: no fine-tune."
+        },
+    )
+    clean_images: int = field(default=500, metadata={"help": "Built-in clean set: images."})
+    clean_captions_per_image: int = field(default=5, metadata={"help": "Built-in clean set: captions per image."})
+    clean_seed_value: int = field(
+        default=2,
+        metadata={"help": "Built-in clean set: seed, other than --data_seed_value (web scenes are left out anyway)."},
+    )
+    clean_eval_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the clean images held out for the metrics before / after."}
+    )
+    clean_steps: int = field(default=300, metadata={"help": "Fine-tuning steps of each of the two models."})
+    clean_learning_rate: float = field(
+        default=1e-5, metadata={"help": "Fine-tuning peak learning rate (BLIP's COCO fine-tunes: 1e-5)."}
+    )
+    clean_batch_size: int = field(
+        default=32, metadata={"help": "Fine-tuning batch (ITC / ITM compare the captions of a batch)."}
+    )
     num_synthetic: int = field(default=1, metadata={"help": "Synthetic captions per image (BLIP: 1)."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling of the synthetic captions (BLIP: 0.9)."})
     max_new_tokens: int = field(default=30, metadata={"help": "Longest synthetic caption."})
     threshold: float = field(default=0.5, metadata={"help": "Kept when the filter's ITM match probability >= this."})
     batch_size: int = field(default=16, metadata={"help": "Images per forward."})
-    chunk_images: int = field(default=256, metadata={"help": "Images per output shard (the unit of --resume)."})
+    chunk_images: int = field(
+        default=256, metadata={"help": "Images per output shard (the unit of --resume and of what is held)."}
+    )
+    report_examples: int = field(default=12, metadata={"help": "Example images in report.html (0: counts only)."})
     resume: bool = field(default=False, metadata={"help": "Continue a run in --output_dir with the same settings."})
-    seed: int = field(default=0, metadata={"help": "Seed of the sampling."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling and of the fine-tunes."})
 
 
 def make_parser() -> ScriptParser:
@@ -91,57 +142,61 @@ def check_arguments(args: CapFiltArguments) -> None:
         raise ValueError("--num_synthetic must be >= 0, --batch_size and --chunk_images >= 1.")
     if not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}.")
+    if args.report_examples < 0:
+        raise ValueError(
+            f"--report_examples must be >= 0 (0: the report shows the counts only), got {args.report_examples}."
+        )
+    if args.clean_dataset is not None:
+        _check_clean_arguments(args)
 
 
-def load_models(args: CapFiltArguments):
-    """The captioner and the filter, each checked to have the head its job needs."""
-    captioner, filter_ = load_checkpoint(args.captioner), load_checkpoint(args.filter)
-    for role, checkpoint, head in (("captioner", captioner, "lm_head"), ("filter", filter_, "itm_head")):
-        if checkpoint.kind != "stage1" or not hasattr(checkpoint.model, head):
-            raise ValueError(
-                f"--{role} {getattr(args, role)} is a {type(checkpoint.model).__name__}; the {role} must be a "
-                f"stage-1 model with its {head} (QFormerForImageTextPretraining: vlbridge stage1, or BLIP-2's "
-                "Blip2ForImageTextRetrieval after vlbridge convert)."
-            )
-    if args.num_synthetic and captioner.model.config.decoder_start_token_id is None:
-        raise ValueError(f"--captioner {args.captioner} has no decoder_start_token_id ([DEC]): it cannot caption.")
-    return captioner, filter_
+def _check_clean_arguments(args: CapFiltArguments) -> None:
+    if args.clean_steps < 1:
+        raise ValueError(
+            f"--clean_steps must be >= 1 (drop --clean_dataset for no fine-tune), got {args.clean_steps}."
+        )
+    if args.clean_batch_size < 2:
+        raise ValueError("--clean_batch_size must be >= 2: ITC and ITM compare the captions of a batch.")
+    if args.clean_learning_rate <= 0:
+        raise ValueError(f"--clean_learning_rate must be > 0, got {args.clean_learning_rate}.")
+    if not 0.0 < args.clean_eval_fraction < 1.0:
+        raise ValueError(f"--clean_eval_fraction must be in (0, 1), got {args.clean_eval_fraction}.")
+    if args.clean_dataset == "builtin" and args.clean_images < 4:
+        raise ValueError(f"--clean_images must be >= 4 (training and held-out images), got {args.clean_images}.")
+    if args.clean_dataset == "builtin" and args.dataset == "builtin" and args.clean_seed_value == args.data_seed_value:
+        raise ValueError(
+            f"--clean_seed_value {args.clean_seed_value} is --data_seed_value: the clean set would be drawn like the "
+            "web images; pick another seed."
+        )
 
 
-def load_pairs(args: CapFiltArguments):
-    """The web pairs: `image`, `caption`, `image_id` (+ `noisy`, `noise_kind` on the built-in data)."""
-    if args.dataset == "builtin":
-        clean = make_synthetic_image_text(
-            {"train": args.num_images},
-            image_size=args.image_size,
-            seed=args.data_seed_value,
-            captions_per_image=args.captions_per_image,
-            max_objects=args.max_objects,
-        )["train"]
-        return add_caption_noise(clean, args.noise, seed=args.data_seed_value)
-    pairs = load_user_dataset(args.dataset, "captions", "vlbridge capfilt", args.allow_outside_paths)
-    if "image_id" not in pairs.column_names:
-        pairs = pairs.add_column("image_id", list(range(len(pairs))))
-    return pairs
+def load_models(args: CapFiltArguments) -> tuple[CapFiltModel, CapFiltModel]:
+    """The captioner and the filter, each checked to be able to do its job ([`load_model`])."""
+    return load_model(args.captioner, "captioner"), load_model(args.filter, "filter")
+
+
+def _changed_settings(settings: dict, recorded: dict) -> list[str]:
+    """The settings that differ from a recorded run's; one recorded before a setting existed ran its default."""
+    defaults = {name: spec.default for name, spec in CapFiltArguments.__dataclass_fields__.items()}
+    return sorted(key for key in settings if recorded.get(key, defaults.get(key)) != settings[key])
 
 
 def _start_run(args: CapFiltArguments, output: Path, rank: int = 0, poll_seconds: float = 1.0) -> None:
     """Writes the run's settings, or checks them against those of the run in `output` when resuming. Under several
     processes only the first one writes them; the others wait for them and check they run the same settings."""
-    settings = {key: value for key, value in asdict(args).items() if key not in ("resume", "output_dir")}
+    settings = {key: value for key, value in asdict(args).items() if key not in _PRESENTATION}
     run_file = output / RUN_FILE
     if rank != 0:
         while not run_file.is_file():
             time.sleep(poll_seconds)
-        changed = sorted(key for key in settings if json.loads(run_file.read_text()).get(key) != settings[key])
+        changed = _changed_settings(settings, json.loads(run_file.read_text()))
         if changed:
             raise ValueError(f"This process runs other settings than the first one: {changed}.")
         return
     if run_file.is_file():
-        previous = json.loads(run_file.read_text())
         if not args.resume:
             raise ValueError(f"{output} already holds a CapFilt run: pass --resume to continue it, or another folder.")
-        changed = sorted(key for key in settings if previous.get(key) != settings[key])
+        changed = _changed_settings(settings, json.loads(run_file.read_text()))
         if changed:
             raise ValueError(f"--resume with other settings than the run in {output}: {changed}.")
         return
@@ -152,12 +207,11 @@ def _start_run(args: CapFiltArguments, output: Path, rank: int = 0, poll_seconds
 
 
 @torch.no_grad()
-def synthetic_captions(captioner, images: list, args: CapFiltArguments) -> list[list[str]]:
+def synthetic_captions(captioner: CapFiltModel, images: list, args: CapFiltArguments) -> list[list[str]]:
     """`args.num_synthetic` nucleus-sampled captions per image."""
     if not args.num_synthetic:
         return [[] for _ in images]
-    processor = captioner.processor
-    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    pixel_values = captioner.image_processor(images=images, return_tensors="pt")["pixel_values"]
     ids = captioner.model.generate_captions(
         pixel_values.to(captioner.model.device),
         max_new_tokens=args.max_new_tokens,
@@ -165,21 +219,21 @@ def synthetic_captions(captioner, images: list, args: CapFiltArguments) -> list[
         top_p=args.top_p,
         num_return_sequences=args.num_synthetic,
     )  # (B * num_synthetic, L)
-    texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    texts = captioner.tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [texts[i * args.num_synthetic : (i + 1) * args.num_synthetic] for i in range(len(images))]
 
 
 @torch.no_grad()
-def match_probabilities(filter_, images: list, texts: list[list[str]]) -> list[list[float]]:
+def match_probabilities(filter_: CapFiltModel, images: list, texts: list[list[str]]) -> list[list[float]]:
     """The filter's ITM match probability of every (image, text) pair, texts tokenized as in stage-1 training."""
-    model, processor = filter_.model, filter_.processor
-    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    model = filter_.model
+    pixel_values = filter_.image_processor(images=images, return_tensors="pt")["pixel_values"]
     vision = model.get_vision_features(pixel_values.to(model.device))  # (B, P, Dv)
     owners = [i for i, row in enumerate(texts) for _ in row]
     flat = [text for row in texts for text in row]
     if not flat:
         return [[] for _ in texts]
-    tokens = ImageTextCollator(processor.image_processor, processor.tokenizer).tokenize(flat)
+    tokens = ImageTextCollator(filter_.image_processor, filter_.tokenizer).tokenize(flat)
     logits = model.compute_itm_logits(
         vision[owners], tokens["input_ids"].to(model.device), tokens["attention_mask"].to(model.device)
     )  # (pairs, 2)
@@ -191,22 +245,27 @@ def match_probabilities(filter_, images: list, texts: list[list[str]]) -> list[l
     return out
 
 
-def _image_groups(pairs) -> list[tuple[int, list[int]]]:
-    """`(image_id, row indices)` in the order the images first appear."""
-    groups: dict[int, list[int]] = {}
-    for row, image_id in enumerate(pairs["image_id"]):
-        groups.setdefault(image_id, []).append(row)
-    return list(groups.items())
+def process_chunk(
+    captioner: CapFiltModel, filter_: CapFiltModel, groups: list[ImageGroup], args: CapFiltArguments, skipped: list
+) -> list[dict]:
+    """
+    The output rows of one chunk of images: every web caption and every synthetic one, scored and decided.
 
+    Args:
+        captioner, filter_ ([`~vlbridge.scripts.capfilt_models.CapFiltModel`]): The two models.
+        groups (`list[tuple[int, list[dict]]]`): The chunk's images, each its id and its rows (undecoded `image`,
+            `caption`, and `noisy` / `noise_kind` when the data has them); each image is decoded once, here.
+        args ([`CapFiltArguments`]): Sampling, batch size and threshold.
+        skipped (`list`): Gets `{"image_id", "error"}` for each image that does not decode.
 
-def process_chunk(captioner, filter_, pairs, groups, args: CapFiltArguments, skipped: list) -> list[dict]:
-    """The output rows of one chunk of images: every web caption and every synthetic one, scored and decided."""
+    Returns:
+        `list[dict]`: `image` (decoded), `image_id`, `text`, `source`, `itm_score`, `kept`, `noisy`, `noise_kind`.
+    """
     rows = []
     for start in range(0, len(groups), args.batch_size):
         batch, images = [], []
-        for image_id, members in groups[start : start + args.batch_size]:
-            # Each row is read (and its image decoded) once; an image's web captions are its rows' captions.
-            records = [pairs[row] for row in members]
+        for image_id, records in groups[start : start + args.batch_size]:
+            # The image is decoded once, here; an image's web captions are its rows' captions.
             try:
                 images.append(to_rgb_image(records[0]["image"]))
                 batch.append((image_id, records))
@@ -259,6 +318,67 @@ def _write_shard(rows: list[dict], path: Path) -> None:
     os.replace(temporary, path)
 
 
+def _shard_path(output: Path, number: int) -> Path:
+    return output / f"shard-{number:05d}.parquet"
+
+
+def _run_chunk(
+    captioner: CapFiltModel,
+    filter_: CapFiltModel,
+    groups: list[ImageGroup],
+    number: int,
+    output: Path,
+    args: CapFiltArguments,
+) -> None:
+    """Filters one chunk and writes its shard, with its skipped images beside it."""
+    # Each chunk samples from its own seed: a resumed run writes what an uninterrupted one would have.
+    torch.manual_seed(args.seed * 100_003 + number)
+    skipped: list[dict] = []
+    rows = process_chunk(captioner, filter_, groups, args, skipped)
+    shard = _shard_path(output, number)
+    # The skipped images of a chunk are recorded beside it, before the shard, so that a resumed run counts them.
+    shard.with_suffix(".skipped.json").write_text(json.dumps(skipped))
+    _write_shard(rows, shard)
+
+
+def run_chunks(
+    captioner: CapFiltModel,
+    filter_: CapFiltModel,
+    chunks: ImageChunks,
+    output: Path,
+    args: CapFiltArguments,
+    rank: int = 0,
+    world_size: int = 1,
+) -> int:
+    """
+    Filters this process's chunks (every `world_size`-th, from `rank`) whose shard is not written yet, one chunk in
+    memory at a time.
+
+    Args:
+        captioner, filter_ ([`~vlbridge.scripts.capfilt_models.CapFiltModel`]): The two models.
+        chunks ([`~vlbridge.scripts.capfilt_data.ImageChunks`]): The web images.
+        output (`Path`): The output folder.
+        args ([`CapFiltArguments`]): The run's arguments.
+        rank, world_size (`int`, *optional*): This process and the number of processes.
+
+    Returns:
+        `int`: The number of chunks of the whole data (shards `0 .. n - 1`).
+    """
+    bar = tqdm(total=chunks.num_chunks, desc="CapFilt chunks")
+
+    def wanted(number: int) -> bool:  # written by the run being resumed, or another process's
+        return number % world_size == rank and not _shard_path(output, number).is_file()
+
+    for number, groups in chunks.iter_wanted(wanted):
+        _run_chunk(captioner, filter_, groups, number, output, args)
+        # The name would hold this chunk's rows while the next chunk is read: let them go first.
+        del groups
+        bar.update(number + 1 - bar.n)
+    bar.update(chunks.num_chunks - bar.n)
+    bar.close()
+    return chunks.num_chunks
+
+
 def _wait_for(shards: list[Path], world_size: int, poll_seconds: float = 2.0) -> None:
     """The first process summarises once every process has written its shards (no process group needed)."""
     missing = [shard for shard in shards if not shard.is_file()]
@@ -270,24 +390,38 @@ def _wait_for(shards: list[Path], world_size: int, poll_seconds: float = 2.0) ->
 
 
 def summarize(shards: list[Path]) -> dict:
-    """Kept / dropped per source and, where the web captions carry `noisy`, the filter's precision and recall."""
-    from datasets import Dataset
+    """Kept / dropped per source and, where the web captions carry `noisy`, the filter's precision and recall; the
+    shards are read three columns at a time, one shard at a time."""
+    import pyarrow.parquet as pq
 
-    data = Dataset.from_parquet([str(path) for path in shards]).remove_columns("image")
-    # The three columns are read once; the counts are taken over them.
-    rows = list(zip(data["source"], data["kept"], data["noisy"]))
-    summary: dict = {}
-    for source in ("web", "synthetic"):
-        kept = [row_kept for row_source, row_kept, _ in rows if row_source == source]
-        summary[f"{source}_kept"], summary[f"{source}_dropped"] = sum(kept), len(kept) - sum(kept)
-    web = [(kept, noisy) for source, kept, noisy in rows if source == "web" and noisy is not None]
-    if web:
-        dropped_noisy = sum(1 for kept, noisy in web if not kept and noisy)
-        dropped = sum(1 for kept, _ in web if not kept)
-        noisy = sum(1 for _, noisy in web if noisy)
+    counts = dict.fromkeys(("web_kept", "web_dropped", "synthetic_kept", "synthetic_dropped"), 0)
+    dropped_noisy = dropped = noisy = known = 0
+    for shard in shards:
+        table = pq.read_table(shard, columns=["source", "kept", "noisy"])
+        for source, kept, row_noisy in zip(*(table.column(name).to_pylist() for name in ("source", "kept", "noisy"))):
+            counts[f"{source}_{'kept' if kept else 'dropped'}"] += 1
+            if source == "web" and row_noisy is not None:
+                known += 1
+                dropped, noisy = dropped + (not kept), noisy + row_noisy
+                dropped_noisy += (not kept) and row_noisy
+    summary: dict = dict(counts)
+    if known:
         summary["filter_precision"] = dropped_noisy / dropped if dropped else math.nan
         summary["filter_recall"] = dropped_noisy / noisy if noisy else math.nan
     return summary
+
+
+def _print_summary(summary: dict) -> None:
+    for key, value in summary.items():
+        if not isinstance(value, dict):
+            print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    for role, record in summary.get("clean_finetune", {}).items():
+        changes = ", ".join(
+            f"{key} {value:.3f} -> {record['after'][key]:.3f}"
+            for key, value in record["before"].items()
+            if isinstance(value, float)
+        )
+        print(f"{role} fine-tuned on the clean set, held out: {changes}")
 
 
 def main(args: CapFiltArguments) -> ScriptResult:
@@ -296,7 +430,8 @@ def main(args: CapFiltArguments) -> ScriptResult:
 
     Returns:
         [`~vlbridge.scripts.utils.ScriptResult`]: the summary (kept / dropped per source, the filter's precision and
-        recall on the built-in noisy data, skipped images) and the output folder.
+        recall on the built-in noisy data, skipped images, the clean fine-tune's held-out metrics) and the output
+        folder.
 
     Example:
 
@@ -310,37 +445,37 @@ def main(args: CapFiltArguments) -> ScriptResult:
     check_arguments(args)
     output = Path(args.output_dir)
     captioner, filter_ = load_models(args)
-    pairs = load_pairs(args)
+    web = load_web_data(args)
+    # Bad clean data is refused before the output folder is touched.
+    clean = load_clean_data(args, web) if args.clean_dataset is not None else None
     # Under `accelerate launch` / torchrun each process takes every world_size-th chunk; the shards are the merge.
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     _start_run(args, output, rank)
-    groups = _image_groups(pairs)
-    chunks = [groups[start : start + args.chunk_images] for start in range(0, len(groups), args.chunk_images)]
-    shards = [output / f"shard-{number:05d}.parquet" for number in range(len(chunks))]
-    skipped: list[dict] = []
-    for number, (chunk, shard) in enumerate(zip(tqdm(chunks, desc="CapFilt chunks"), shards)):
-        if shard.is_file() or number % world_size != rank:  # written by the run being resumed, or another process's
-            continue
-        # Each chunk samples from its own seed: a resumed run writes what an uninterrupted one would have.
-        torch.manual_seed(args.seed * 100_003 + number)
-        chunk_skipped: list[dict] = []
-        rows = process_chunk(captioner, filter_, pairs, chunk, args, chunk_skipped)
-        # The skipped images of a chunk are recorded beside it, before the shard, so that a resumed run counts them.
-        shard.with_suffix(".skipped.json").write_text(json.dumps(chunk_skipped))
-        _write_shard(rows, shard)
+    finetuned = {}
+    if clean is not None:
+        finetuned = finetune_models(args, {"captioner": captioner, "filter": filter_}, clean, output, rank)
+        # Loaded back from disk, fresh or resumed alike: every process filters with the saved weights.
+        captioner = load_model(finetuned["captioner"]["path"], "captioner")
+        filter_ = load_model(finetuned["filter"]["path"], "filter")
+    chunks = ImageChunks(web, args.chunk_images)
+    num_chunks = run_chunks(captioner, filter_, chunks, output, args, rank, world_size)
     if rank != 0:
         return ScriptResult({}, str(output))
+    shards = [_shard_path(output, number) for number in range(num_chunks)]
     _wait_for(shards, world_size)
-    for shard in shards:
-        skipped += json.loads(shard.with_suffix(".skipped.json").read_text())
+    skipped = [item for shard in shards for item in json.loads(shard.with_suffix(".skipped.json").read_text())]
     summary = {**summarize(shards), "skipped_images": len(skipped)}
+    if chunks.report is not None:  # tar samples without a usable image or caption, skipped while streaming
+        summary["skipped_samples"] = chunks.report.num_skipped
+    if finetuned:
+        summary["clean_finetune"] = finetuned
     (output / SUMMARY_FILE).write_text(json.dumps({**summary, "skipped": skipped}, indent=2))
-    for key, value in summary.items():
-        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    write_report(output, shards, summary, asdict(args), args.report_examples)
+    _print_summary(summary)
     return ScriptResult(summary, str(output))
 
 
-__all__ = ["CapFiltArguments", "main", "make_parser"]
+__all__ = ["CapFiltArguments", "load_models", "main", "make_parser"]
 
 
 if __name__ == "__main__":
