@@ -18,6 +18,10 @@ from .configuration import (
     QFormerPretrainingConfig,
 )
 from .modeling import (
+    BlipMEDForImageTextPretraining,
+    BlipMEDForQuestionAnswering,
+    BlipMEDPretrainingOutput,
+    BlipMEDQuestionAnsweringOutput,
     BridgeModelOutput,
     BridgeVLMForConditionalGeneration,
     BridgeVLMModel,
@@ -52,6 +56,10 @@ AutoImageProcessor.register(
 
 __all__ = [
     "BlipMEDConfig",
+    "BlipMEDForImageTextPretraining",
+    "BlipMEDForQuestionAnswering",
+    "BlipMEDPretrainingOutput",
+    "BlipMEDQuestionAnsweringOutput",
     "BridgeAnyResImageProcessor",
     "BridgeModelOutput",
     "BridgeProcessor",

@@ -81,7 +81,8 @@ class BlipMEDConfig(PreTrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the projections and heads.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
-            Tie the decoder's vocabulary projection to its word embeddings (BERT's LM head).
+            Tie the decoder's vocabulary projection to its word embeddings (BERT's LM head). The decoder reads it from
+            `text_config.tie_word_embeddings`, which is set to this value.
 
     Example:
 
@@ -134,6 +135,8 @@ class BlipMEDConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.text_config.encoder_hidden_size = self.vision_config.hidden_size
+        # The decoder (a `BlipTextLMHeadModel`) ties its LM head by its own config: one flag, the top-level one.
+        self.text_config.tie_word_embeddings = self.tie_word_embeddings
         check_vision_feature_layer(self.vision_feature_layer, self.vision_config)
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
@@ -160,6 +163,11 @@ class BlipMEDConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
         if not 0 <= self.alpha <= 1 or not 0 <= self.momentum <= 1:
             raise ValueError(f"alpha and momentum must be in [0, 1], got {self.alpha} and {self.momentum}.")
+        if not getattr(self.text_config, "is_decoder", False):
+            raise ValueError(
+                "text_config.is_decoder must be True: BlipText layers build their cross-attention to the image only "
+                "then (the encoder uses it for ITM, the decoder for the LM loss)."
+            )
         vocab_size = self.text_config.vocab_size
         for name in ("decoder_start_token_id", "enc_token_id", "pad_token_id", "eos_token_id"):
             value = getattr(self, name)

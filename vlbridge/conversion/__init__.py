@@ -1,5 +1,6 @@
 """Conversion of released checkpoints into vlbridge models: [`convert_checkpoint`] dispatches on the source."""
 
+from .blip import convert_blip_checkpoint
 from .blip2 import convert_blip2_checkpoint
 from .blip2_retrieval import convert_blip2_qformer_checkpoint, convert_blip2_retrieval_checkpoint
 from .dispatch import CONVERTERS, convert_checkpoint, source_architecture
@@ -9,6 +10,7 @@ from .qformer import qformer_config_from_blip2, qformer_state_dict_from_blip2
 
 __all__ = [
     "CONVERTERS",
+    "convert_blip_checkpoint",
     "convert_blip2_checkpoint",
     "convert_blip2_qformer_checkpoint",
     "convert_blip2_retrieval_checkpoint",

@@ -15,6 +15,9 @@ from transformers import AutoConfig
 # Source architecture (`config.architectures[0]` of the folder) -> (module of vlbridge.conversion, function). Every
 # converter takes `(src_dir, dst_dir=None, dtype=None)` and returns `(model, processor or None)`.
 CONVERTERS: dict[str, tuple[str, str]] = {
+    "BlipForConditionalGeneration": ("blip", "convert_blip_checkpoint"),
+    "BlipForImageTextRetrieval": ("blip", "convert_blip_checkpoint"),
+    "BlipForQuestionAnswering": ("blip", "convert_blip_checkpoint"),
     "Blip2ForConditionalGeneration": ("blip2", "convert_blip2_checkpoint"),
     "InstructBlipForConditionalGeneration": ("blip2", "convert_blip2_checkpoint"),
     "Blip2ForImageTextRetrieval": ("blip2_retrieval", "convert_blip2_retrieval_checkpoint"),
@@ -53,7 +56,8 @@ def convert_checkpoint(
     """
     Converts a released checkpoint into its vlbridge model and processor, whatever its family: the folder's config
     names the architecture, and the converter of that architecture ([`CONVERTERS`]) does the work (the BLIP-2 /
-    InstructBLIP generation models: [`convert_blip2_checkpoint`]). `vlbridge convert SRC DST` calls it.
+    InstructBLIP generation models: [`convert_blip2_checkpoint`]; BLIP's retrieval, captioning and VQA models:
+    [`convert_blip_checkpoint`]). `vlbridge convert SRC DST` calls it.
 
     Args:
         src_dir (`str` or `os.PathLike`): The transformers checkpoint, a folder or a Hub id.

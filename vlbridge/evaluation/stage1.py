@@ -25,7 +25,9 @@ def evaluate_stage1(
     progress: bool = True,
 ) -> dict[str, float]:
     r"""
-    Evaluates a [`QFormerForImageTextPretraining`] on held-out images.
+    Evaluates a stage-1 model ([`QFormerForImageTextPretraining`], [`BlipMEDForImageTextPretraining`]) on held-out
+    images. A model without a text encoder or without a decoder (a BLIP captioner or matcher alone, which say so with
+    `supports_matching` / `supports_captioning`) gets the metrics of the parts it has.
 
     - **Retrieval**: one caption per image, ITC scores re-ranked by ITM over the top `k_test`, recall at 1 / 5 / 10
       in both directions (`i2t_r1`, ..., `t2i_r10`). Built-in data (rows with an `objects` column) is retrieved with
@@ -37,7 +39,7 @@ def evaluate_stage1(
     - **ITG**: greedy captions; `itg_exact` is the share of images whose caption equals one of theirs exactly.
 
     Args:
-        model ([`QFormerForImageTextPretraining`]):
+        model ([`QFormerForImageTextPretraining`] or [`BlipMEDForImageTextPretraining`]):
             The model (evaluated in eval mode).
         images_dataset (`datasets.Dataset`):
             One row per image with `image` and `captions` (see `vlbridge.data.group_captions`), and
@@ -64,8 +66,11 @@ def evaluate_stage1(
     device = next(model.parameters()).device
     pixel_values = pixel_values.to(device)
 
-    retriever = ImageTextRetriever(model, batch_size=batch_size, k_test=k_test, progress=progress)
-    metrics = dict(retriever.retrieve(pixel_values, collator.tokenize(texts), list(range(len(rows)))).metrics)
+    matching, captioning = getattr(model, "supports_matching", True), getattr(model, "supports_captioning", True)
+    metrics = {}
+    if matching:
+        retriever = ImageTextRetriever(model, batch_size=batch_size, k_test=k_test, progress=progress)
+        metrics.update(retriever.retrieve(pixel_values, collator.tokenize(texts), list(range(len(rows)))).metrics)
 
     rng = random.Random(seed)
     others = [rng.choice([j for j in range(len(rows)) if j != i]) for i in range(len(rows))]
@@ -73,15 +78,20 @@ def evaluate_stage1(
     tokenizer = collator.tokenizer
     for start in tqdm(range(0, len(rows), batch_size), desc="ITM / ITG", disable=not progress):
         stop = min(start + batch_size, len(rows))
-        embeds = model.get_vision_features(pixel_values[start:stop])
-        for caption_indices, label in ((range(start, stop), 1), ([others[i] for i in range(start, stop)], 0)):
+        pairs = ((range(start, stop), 1), ([others[i] for i in range(start, stop)], 0)) if matching else ()
+        embeds = model.get_vision_features(pixel_values[start:stop]) if matching else None
+        for caption_indices, label in pairs:
             text = {k: v.to(device) for k, v in collator.tokenize([texts[j] for j in caption_indices]).items()}
             logits = model.compute_itm_logits(embeds, text["input_ids"], text["attention_mask"])
             correct += int((logits.argmax(-1) == label).sum())
-        ids = model.generate_captions(pixel_values[start:stop], max_new_tokens=max_new_tokens)
-        generated += tokenizer.batch_decode(ids, skip_special_tokens=True)
-    exact = sum(caption.strip() in row["captions"] for caption, row in zip(generated, rows))
-    metrics.update(itm_accuracy=correct / (2 * len(rows)), itg_exact=exact / len(rows))
+        if captioning:
+            ids = model.generate_captions(pixel_values[start:stop], max_new_tokens=max_new_tokens)
+            generated += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    if matching:
+        metrics["itm_accuracy"] = correct / (2 * len(rows))
+    if captioning:
+        exact = sum(caption.strip() in row["captions"] for caption, row in zip(generated, rows))
+        metrics["itg_exact"] = exact / len(rows)
     metrics["samples"] = [(row["captions"][0], caption.strip()) for row, caption in zip(rows[:8], generated[:8])]
     return metrics
 

@@ -12,6 +12,10 @@ LAVIS, each deliberate:
 - No `ln_vision`: the Q-Former reads the vision tower's output exactly as the stage-2 VLM's bridge does, so the
   trained Q-Former drops into [`BridgeVLMForConditionalGeneration`] ([`load_qformer_into_vlm`]).
 - Optional ALBEF / BLIP momentum distillation (`use_momentum_distillation`), which BLIP-2 itself does not use.
+
+The orchestration of the losses and of momentum distillation is shared with BLIP's MED model
+([`ImageTextPretrainingMixin`] in `stage1_objectives.py`); this module holds what is the Q-Former's: its passes
+(the hooks the mixin calls), its heads and its captioner.
 """
 
 from __future__ import annotations
@@ -22,30 +26,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, PreTrainedModel
-from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.utils import ModelOutput, logging
 
 from ..configuration.configuration_qformer import QFormerConfig
 from ..configuration.configuration_qformer_pretraining import QFormerPretrainingConfig
-from . import stage1_losses as losses
-from .bridge_utils import check_pixel_values, vision_tower_features
+from .bridge_utils import check_pixel_values
 from .freezing import FrozenVisionTowerMixin
 from .modeling_qformer import QFormerModel
 from .qformer_captioning import QFormerCaptioner
 from .qformer_features import QFormerFeaturesMixin
 from .saving import SelfDescribingMixin
-from .stage1_accumulation import AccumulationWindow, windowed_forward
+from .stage1_objectives import ImageTextPretrainingMixin, ImageTextPretrainingOutput
 
-
-logger = logging.get_logger(__name__)
 
 # Submodules that get an exponential-moving-average copy, "<name>_m", under momentum distillation.
 MOMENTUM_MODULES = ("qformer", "vision_proj", "text_proj")
 
 
 @dataclass
-class QFormerPretrainingOutput(ModelOutput):
+class QFormerPretrainingOutput(ImageTextPretrainingOutput):
     """
     Output of [`QFormerForImageTextPretraining`].
 
@@ -80,20 +79,6 @@ class QFormerPretrainingOutput(ModelOutput):
             The (clamped) ITC temperature used (detached; for logging).
     """
 
-    loss: torch.FloatTensor | None = None
-    loss_itc: torch.FloatTensor | None = None
-    loss_itm: torch.FloatTensor | None = None
-    loss_itg: torch.FloatTensor | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    itm_logits: torch.FloatTensor | None = None
-    itm_labels: torch.LongTensor | None = None
-    itm_accuracy: torch.FloatTensor | None = None
-    itg_logits: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
-    temperature: torch.FloatTensor | None = None
-
 
 class QFormerLMHead(nn.Module):
     """BERT's prediction head (dense, activation, LayerNorm, then a vocabulary decoder tied to the word embeddings)."""
@@ -110,7 +95,7 @@ class QFormerLMHead(nn.Module):
 
 
 class QFormerForImageTextPretraining(
-    SelfDescribingMixin, FrozenVisionTowerMixin, QFormerFeaturesMixin, PreTrainedModel
+    SelfDescribingMixin, FrozenVisionTowerMixin, QFormerFeaturesMixin, ImageTextPretrainingMixin, PreTrainedModel
 ):
     r"""
     BLIP-2's stage-1 model: a vision tower (frozen and in eval mode by default), a [`QFormerModel`] with its text
@@ -184,6 +169,8 @@ class QFormerForImageTextPretraining(
     ]
     # The Trainer must not assume the loss is already normalised for gradient accumulation (hf_stack_internals §6).
     accepts_loss_kwargs = False
+    _momentum_modules = MOMENTUM_MODULES
+    _output_class = QFormerPretrainingOutput
 
     def __init__(self, config: QFormerPretrainingConfig):
         super().__init__(config)
@@ -223,55 +210,16 @@ class QFormerForImageTextPretraining(
         self.text_proj_m = nn.Linear(hidden_size, config.embed_dim)
         if not config.freeze_vision_tower:
             self.vision_tower_m = AutoModel.from_config(config.vision_config)
-        num_queries, size = config.qformer_config.num_query_tokens, config.queue_size
-        # Queues hold gathered momentum features of past batches: every query's feature for the images, since ITC
-        # takes the best query per pair. The image ids let captions of a queued image count as positives.
-        self.register_buffer("image_queue", torch.zeros(size, num_queries, config.embed_dim))  # (K, Q, E)
-        self.register_buffer("text_queue", torch.zeros(size, config.embed_dim))  # (K, E)
-        self.register_buffer("image_id_queue", torch.full((size,), -1, dtype=torch.long))  # (K,)
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("momentum_step", torch.zeros((), dtype=torch.long))  # drives the alpha warm-up
+        self._build_queues()  # every query's momentum feature per image: (K, num_query_tokens, E)
 
-    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        names = MOMENTUM_MODULES + (("vision_tower",) if hasattr(self, "vision_tower_m") else ())
-        return [(getattr(self, name), getattr(self, f"{name}_m")) for name in names]
+    @property
+    def _num_image_features(self) -> int:
+        return self.config.qformer_config.num_query_tokens
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module):
-        super()._init_weights(module)  # Linear / LayerNorm / Embedding: normal(initializer_range), ones, zeros
-        if module is not self:
-            return
-        init.constant_(self.temp, self.config.temperature_init)
-        if self.config.use_momentum_distillation:
-            if not getattr(self.image_queue, "_is_hf_initialized", False):
-                init.copy_(self.image_queue, F.normalize(torch.randn_like(self.image_queue), dim=-1))
-            if not getattr(self.text_queue, "_is_hf_initialized", False):
-                init.copy_(self.text_queue, F.normalize(torch.randn_like(self.text_queue), dim=-1))
-            init.constant_(self.image_id_queue, -1)
-            init.zeros_(self.queue_ptr)
-            init.zeros_(self.momentum_step)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """[`~PreTrainedModel.from_pretrained`]; momentum copies missing from the checkpoint start as copies of the
-        loaded weights (ALBEF's `copy_params`) instead of random."""
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        # Loading puts fresh parameters in place, which require grad again: a frozen tower would train.
-        model._freeze_fixed_parts()
-        prefixes = tuple(f"{name}_m." for name in MOMENTUM_MODULES + ("vision_tower",))
-        if model.config.use_momentum_distillation and any(k.startswith(prefixes) for k in info["missing_keys"]):
-            logger.warning("The checkpoint has no momentum encoders: initialising them as copies of the model.")
-            model.copy_params()
-        return (model, info) if want_info else model
-
-    def _freeze_fixed_parts(self) -> None:
-        """What never trains: the vision tower when the config freezes it, and the momentum copies (EMA only)."""
-        if self.config.freeze_vision_tower:
-            self.vision_tower.requires_grad_(False)
-        if self.config.use_momentum_distillation:
-            for _, model_m in self._momentum_pairs():
-                model_m.requires_grad_(False)
+    @property
+    def itc_label_smoothing(self) -> float:
+        """BLIP-2 smooths ITC and ITG alike (`config.label_smoothing`)."""
+        return self.config.label_smoothing
 
     @property
     def supports_captioning(self) -> bool:
@@ -307,17 +255,9 @@ class QFormerForImageTextPretraining(
 
     # ----------------------------------------------------------------------------------------------------------------
     # Features (`get_image_features`, `get_text_features`, `compute_itm_logits` and `extract_features` come from
-    # `QFormerFeaturesMixin`, in qformer_features.py)
+    # `QFormerFeaturesMixin`, in qformer_features.py; `forward`, the losses and momentum distillation from
+    # `ImageTextPretrainingMixin`, in stage1_objectives.py)
     # ----------------------------------------------------------------------------------------------------------------
-
-    def get_vision_features(self, pixel_values: torch.FloatTensor, momentum: bool = False) -> torch.FloatTensor:
-        """
-        Runs the vision tower as the stage-2 VLM does; `(B, C, H, W) -> (B, P, Dv)`, in the tower's dtype. A frozen
-        tower builds no autograd graph.
-        """
-        tower = self.vision_tower_m if momentum else self.vision_tower
-        trainable = False if momentum else None  # the momentum copy never gets gradients
-        return vision_tower_features(tower, pixel_values, self.config.vision_feature_layer, trainable)
 
     def compute_itg_logits(
         self,
@@ -347,259 +287,6 @@ class QFormerForImageTextPretraining(
         image_feats = F.normalize(vision_proj(hidden[:, :num_queries]), dim=-1)  # (B, Q, E)
         text_feat = F.normalize(text_proj(hidden[:, num_queries]), dim=-1)  # (B, E), the [CLS] position
         return image_feats, text_feat
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Forward and losses
-    # ----------------------------------------------------------------------------------------------------------------
-
-    def forward(
-        self,
-        pixel_values: torch.FloatTensor,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        image_ids: torch.LongTensor | None = None,
-        return_loss: bool = True,
-        sampling_seed: int | None = None,
-        itm_negative_hardness: float = 1.0,
-        accumulation_window: AccumulationWindow | None = None,
-        **kwargs,
-    ) -> QFormerPretrainingOutput:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-                One image per caption (repeat an image for each of its captions).
-            input_ids (`torch.LongTensor` of shape `(batch_size, text_length)`):
-                Captions tokenized for the Q-Former, starting with `[CLS]` / BOS (ITG replaces it with
-                `decoder_start_token_id`).
-            attention_mask (`torch.Tensor` of shape `(batch_size, text_length)`, *optional*):
-                Text padding mask; padded positions get no ITG loss.
-            image_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                Non-negative id of each caption's image. Captions sharing an id are positives of each other in ITC and
-                never drawn as ITM negatives; without ids only the pair itself is positive.
-            return_loss (`bool`, *optional*, defaults to `True`):
-                `False` returns only the local ITC logits and embeddings (no gathering, no ITM / ITG, no momentum
-                update).
-            sampling_seed (`int`, *optional*):
-                Seeds the ITM hard-negative sampling (default: the global RNG). [`Stage1Trainer`] draws one per step.
-            itm_negative_hardness (`float`, *optional*, defaults to 1.0):
-                ITM negatives are drawn from `softmax(itm_negative_hardness * ITC logits)`: 1 is LAVIS, 0 draws them
-                uniformly. [`Stage1Trainer`] ramps it from 0 to 1 over `Stage1Config.itm_hard_negative_warmup_ratio`
-                of training: a from-scratch ITM head that only ever sees near-duplicate negatives can stay on "no
-                match".
-            accumulation_window ([`AccumulationWindow`], *optional*):
-                Set by [`Stage1Trainer`] under gradient accumulation: the other micro-batches of this optimizer step,
-                so that the accumulated loss and gradients equal those of the larger batch (see
-                `vlbridge.modeling.stage1_accumulation`).
-        """
-        pixel_values = check_pixel_values(pixel_values)  # (B, C, H, W); raises on raw or broken pixels
-        self._clamp_temperature()
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.long()
-        if accumulation_window is not None and return_loss:
-            return windowed_forward(
-                self,
-                accumulation_window,
-                pixel_values,
-                input_ids,
-                attention_mask,
-                QFormerPretrainingOutput,
-                itm_negative_hardness,
-            )
-        image_embeds = self.get_vision_features(pixel_values)  # (B, P, Dv)
-        image_feats, text_feat = self._unimodal_features(image_embeds, input_ids, attention_mask)
-        if not return_loss:
-            sim = losses.query_text_similarity(image_feats, text_feat) / self.temp  # (B, B)
-            return QFormerPretrainingOutput(
-                logits_per_image=sim,
-                logits_per_text=sim.t(),
-                image_embeds=image_feats,
-                text_embeds=text_feat,
-                temperature=self.temp.detach().clone(),
-            )
-
-        global_batch = input_ids.shape[0] * losses.world_info()[1]
-        image_ids_all = None if image_ids is None else losses.concat_all_gather(image_ids.view(-1))
-        if self.config.use_momentum_distillation:
-            loss_itc, sim_i2t, sim_t2i, positives = self._itc_momentum(
-                pixel_values, image_embeds, input_ids, attention_mask, image_feats, text_feat, image_ids, image_ids_all
-            )
-        else:
-            loss_itc, sim_i2t, sim_t2i, positives = self._itc(image_feats, text_feat, image_ids, image_ids_all)
-        output = QFormerPretrainingOutput(
-            loss_itc=loss_itc,
-            logits_per_image=sim_i2t[:, :global_batch],
-            logits_per_text=sim_t2i[:, :global_batch],
-            image_embeds=image_feats,
-            text_embeds=text_feat,
-            temperature=self.temp.detach().clone(),
-        )
-        weighted = [self.config.itc_weight * loss_itc]
-        if self.config.itm_weight:
-            output.loss_itm, output.itm_logits, output.itm_labels = self._itm(
-                image_embeds,
-                input_ids,
-                attention_mask,
-                sim_i2t[:, :global_batch],
-                sim_t2i[:, :global_batch],
-                positives[:, :global_batch],
-                sampling_seed,
-                itm_negative_hardness,
-            )
-            output.itm_accuracy = (output.itm_logits.detach().argmax(-1) == output.itm_labels).float().mean()
-            weighted.append(self.config.itm_weight * output.loss_itm)
-        if self.config.itg_weight:
-            output.loss_itg, output.itg_logits = self._itg(image_embeds, input_ids, attention_mask)
-            weighted.append(self.config.itg_weight * output.loss_itg)
-        output.loss = torch.stack(weighted).sum()
-        return output
-
-    def _clamp_temperature(self):
-        with torch.no_grad():
-            self.temp.clamp_(self.config.temperature_min, self.config.temperature_max)
-
-    def _itc(self, image_feats, text_feat, image_ids, image_ids_all):
-        """BLIP-2's ITC over the global batch; returns the loss, both logit matrices and the positive mask."""
-        rank, _ = losses.world_info()
-        image_feats_all = losses.all_gather_with_grad(image_feats)  # (N, Q, E)
-        text_feat_all = losses.all_gather_with_grad(text_feat)  # (N, E)
-        sim_i2t = losses.query_text_similarity(image_feats, text_feat_all) / self.temp  # (B, N)
-        sim_t2i = losses.query_text_similarity(image_feats_all, text_feat).t() / self.temp  # (B, N)
-        positives = losses.positive_mask(
-            image_feats.shape[0], text_feat_all.shape[0], rank, image_ids, image_ids_all, device=sim_i2t.device
-        )
-        loss = losses.contrastive_loss(sim_i2t, sim_t2i, positives, self.config.label_smoothing)
-        return loss, sim_i2t, sim_t2i, positives
-
-    def _itm(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, seed=None, hardness=1.0):
-        """ITM with one hard negative text per image and one hard negative image per text (LAVIS)."""
-        rank, _ = losses.world_info()
-        batch_size = input_ids.shape[0]
-        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-        image_embeds_all = losses.all_gather_with_grad(image_embeds)  # (N, P, Dv)
-        input_ids_all = losses.gather_padded(input_ids, pad_id)  # (N, T_max)
-        attention_mask_all = losses.gather_padded(attention_mask, 0)
-        local = slice(rank * batch_size, (rank + 1) * batch_size)  # this process's rows of the global batch
-        # Every process draws the negatives of the whole global batch with the same seeded generator and keeps its
-        # own rows: the draws are those of one process holding the global batch, whatever the world size. Drawing
-        # from the local rows alone would give every process the random numbers of the global batch's first rows.
-        sim_t2i_all = losses.concat_all_gather(sim_t2i)  # (N, N), detached
-        sim_i2t_all = losses.concat_all_gather(sim_i2t)
-        positives_all = losses.concat_all_gather(positives.to(torch.uint8)).bool()  # not every backend gathers bool
-        generator = None if seed is None else torch.Generator(device=sim_i2t.device).manual_seed(seed)
-        negative_images = losses.sample_hard_negatives(sim_t2i_all, positives_all, generator, hardness)[local]
-        negative_texts = losses.sample_hard_negatives(sim_i2t_all, positives_all, generator, hardness)[local]
-        return self._itm_on_pairs(
-            image_embeds,
-            image_embeds_all[negative_images],
-            input_ids_all[local],
-            attention_mask_all[local],
-            input_ids_all[negative_texts],
-            attention_mask_all[negative_texts],
-        )
-
-    def _itm_on_pairs(self, image_embeds, negative_images, text_ids, text_mask, negative_text_ids, negative_text_mask):
-        """ITM over LAVIS' 3B pairs: (image, its text) match; (hard negative image, text) and (image, hard negative
-        text) do not. Returns the loss, the logits `(3B, 2)` and the labels."""
-        batch_size = image_embeds.shape[0]
-        texts = torch.cat([text_ids, text_ids, negative_text_ids])  # (3B, T)
-        masks = torch.cat([text_mask, text_mask, negative_text_mask])
-        images = torch.cat([image_embeds, negative_images.to(image_embeds.dtype), image_embeds])  # (3B, P, Dv)
-        itm_logits = self.compute_itm_logits(images, texts, masks)  # (3B, 2)
-        itm_labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long().to(itm_logits.device)
-        return F.cross_entropy(itm_logits.float(), itm_labels), itm_logits, itm_labels
-
-    def _itg(self, image_embeds, input_ids, attention_mask):
-        """ITG: `[DEC]` replaces the first token; labels are the ids, -100 on padding."""
-        if self.config.decoder_start_token_id is None:
-            raise ValueError("ITG needs config.decoder_start_token_id (BLIP-2's [DEC]); set it, or itg_weight=0.")
-        decoder_input_ids = input_ids.clone()
-        decoder_input_ids[:, 0] = self.config.decoder_start_token_id
-        # Masking by the attention mask rather than by pad id keeps EOS when a tokenizer pads with its EOS token.
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        logits = self.compute_itg_logits(image_embeds, decoder_input_ids, attention_mask)  # (B, T, V)
-        return losses.itg_loss(logits, labels, self.config.label_smoothing), logits
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Momentum distillation (ALBEF / BLIP)
-    # ----------------------------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def copy_params(self):
-        """Sets every momentum parameter to its model parameter (ALBEF's `copy_params`); they never train."""
-        for model, model_m in self._momentum_pairs():
-            for param, param_m in zip(model.parameters(), model_m.parameters(), strict=True):
-                param_m.copy_(param)
-                param_m.requires_grad_(False)
-
-    @torch.no_grad()
-    def _momentum_update(self):
-        momentum = self.config.momentum
-        for model, model_m in self._momentum_pairs():
-            for param, param_m in zip(model.parameters(), model_m.parameters(), strict=True):
-                param_m.mul_(momentum).add_(param.detach().to(param_m.dtype), alpha=1.0 - momentum)
-
-    def current_alpha(self) -> float:
-        """Weight of the momentum targets now: `alpha`, ramped linearly over the first `alpha_warmup_steps` steps."""
-        warmup = self.config.alpha_warmup_steps
-        if warmup <= 0:
-            return float(self.config.alpha)
-        return float(self.config.alpha) * min(1.0, int(self.momentum_step) / warmup)
-
-    def _itc_momentum(
-        self, pixel_values, image_embeds, input_ids, attention_mask, image_feats, text_feat, image_ids, image_ids_all
-    ):
-        """ITC against momentum features of the global batch plus the queues, with soft momentum targets."""
-        rank, world_size = losses.world_info()
-        batch_size = input_ids.shape[0]
-        global_batch = batch_size * world_size
-        if self.config.queue_size % global_batch:
-            raise ValueError(
-                f"queue_size ({self.config.queue_size}) must be a multiple of the global batch size ({global_batch})."
-            )
-        if self.training:
-            self._momentum_update()
-        with torch.no_grad():
-            image_embeds_m = self.get_vision_features(pixel_values, True) if hasattr(self, "vision_tower_m") else None
-            image_embeds_m = image_embeds if image_embeds_m is None else image_embeds_m
-            image_feat_m, text_feat_m = self._unimodal_features(image_embeds_m, input_ids, attention_mask, True)
-            image_feat_m_all = losses.concat_all_gather(image_feat_m)  # (N, Q, E)
-            text_feat_m_all = losses.concat_all_gather(text_feat_m)  # (N, E)
-            image_columns = torch.cat([image_feat_m_all, self.image_queue.clone()])  # (N + K, Q, E)
-            text_columns = torch.cat([text_feat_m_all, self.text_queue.clone()])  # (N + K, E)
-            sim_i2t_m = losses.query_text_similarity(image_feat_m, text_columns) / self.temp
-            sim_t2i_m = losses.query_text_similarity(image_columns, text_feat_m).t() / self.temp
-            positives = self._momentum_positives(batch_size, rank, global_batch, image_ids, image_ids_all)
-        sim_i2t = losses.query_text_similarity(image_feats, text_columns) / self.temp  # (B, N + K)
-        sim_t2i = losses.query_text_similarity(image_columns, text_feat).t() / self.temp  # (B, N + K)
-        alpha = self.current_alpha()
-        loss = losses.contrastive_loss(
-            sim_i2t, sim_t2i, positives, self.config.label_smoothing, sim_i2t_m, sim_t2i_m, alpha
-        )
-        if self.training:
-            ids = image_ids_all
-            if ids is None:  # queued entries without an id are never positives
-                ids = torch.full_like(self.image_id_queue[:global_batch], -1)
-            self._dequeue_and_enqueue(image_feat_m_all, text_feat_m_all, ids)
-            self.momentum_step += 1
-        return loss, sim_i2t, sim_t2i, positives
-
-    def _momentum_positives(self, batch_size, rank, global_batch, image_ids, image_ids_all) -> torch.Tensor:
-        """Positives over `[global batch; queue]`: the pair itself, or every column with the same image id."""
-        num_columns = global_batch + self.config.queue_size
-        if image_ids is None:
-            return losses.positive_mask(batch_size, num_columns, rank, device=self.text_queue.device)
-        column_ids = torch.cat([image_ids_all.to(self.image_id_queue.device), self.image_id_queue])
-        return losses.positive_mask(batch_size, num_columns, rank, image_ids, column_ids)
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, image_feats: torch.Tensor, text_feats: torch.Tensor, image_ids: torch.Tensor):
-        """Writes the gathered momentum features of this step over the oldest queue entries."""
-        size, pointer = image_feats.shape[0], int(self.queue_ptr)
-        self.image_queue[pointer : pointer + size] = image_feats.to(self.image_queue.dtype)
-        self.text_queue[pointer : pointer + size] = text_feats.to(self.text_queue.dtype)
-        self.image_id_queue[pointer : pointer + size] = image_ids.to(self.image_id_queue.device)
-        self.queue_ptr.fill_((pointer + size) % self.config.queue_size)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Captioning, BERT initialisation

@@ -150,15 +150,19 @@ def push_to_hub_with_processor(
 MODEL_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForPreTraining", "AutoModel")
 
 STAGES = {
-    "stage1": "BLIP-2 stage 1, representation pretraining: the Q-Former learns to read the vision tower against "
-    "captions (ITC + ITM + ITG).",
+    "stage1": "BLIP-2 stage 1 / BLIP pretraining, representation learning: the model learns to match images with "
+    "captions and to caption them (ITC + ITM + ITG, BLIP's LM).",
     "stage2": "BLIP-2 stage 2, generative pretraining: the bridge learns to give the language model image tokens "
     "it can caption from.",
     "sft": "supervised fine-tuning on image-grounded chats (loss on the assistant's answers).",
     "dpo": "preference optimisation (DPO) on chosen / rejected answers.",
 }
 
-PIPELINE_TAGS = {"vlbridge": "image-text-to-text", "vlbridge_qformer_pretraining": "zero-shot-image-classification"}
+PIPELINE_TAGS = {
+    "vlbridge": "image-text-to-text",
+    "vlbridge_qformer_pretraining": "zero-shot-image-classification",
+    "vlbridge_blip_med": "image-to-text",
+}
 
 
 def format_value(value) -> str:
@@ -312,6 +316,23 @@ def _architecture(config: dict | None, adapter: dict | None) -> str:
             "branch and the ITC / ITM / ITG heads. Its vision tower and Q-Former start the stage-2 VLM "
             "(`vlbridge.modeling.from_pretrained_parts.vlm_from_stage1`)."
         )
+    if model_type == "vlbridge_blip_med":
+        parts = [
+            part
+            for part, flag in (
+                ("text encoder (ITC / ITM)", "with_text_encoder"),
+                ("decoder (LM)", "with_text_decoder"),
+            )
+            if config.get(flag, True)
+        ]
+        shared = config.get("share_encoder_decoder") and len(parts) == 2
+        return (
+            f"A BLIP multimodal mixture of encoder-decoder: a `{vision}` vision tower and a BERT "
+            f"{' and '.join(parts)}"
+            + (", sharing every parameter but self-attention" if shared else "")
+            + ". It captions (`generate_captions`) and matches images and texts (`compute_itm_logits`) as its "
+            "parts allow."
+        )
     if model_type in BRIDGE_NAMES:
         return f"A {BRIDGE_NAMES[model_type]} bridge on its own, to drop into a vlbridge VLM."
     return f"A `{model_type}` model."
@@ -330,7 +351,16 @@ def _parameter_rows(folder: Path) -> str:
                 counts[part] = counts.get(part, 0) + math.prod(weights.get_slice(key).get_shape())
     if not counts:
         return ""
-    order = ("vision_tower", "qformer", "bridge", "language_projection", "language_model", "lm_head")
+    order = (
+        "vision_tower",
+        "qformer",
+        "text_encoder",
+        "text_decoder",
+        "bridge",
+        "language_projection",
+        "language_model",
+        "lm_head",
+    )
     parts = sorted(counts, key=lambda part: (order.index(part) if part in order else len(order), part))
     rows = [f"| {part} | {counts[part]:,} |" for part in parts]
     return "\n".join(["| part | parameters |", "| --- | --- |", *rows, f"| **total** | {sum(counts.values()):,} |"])

@@ -12,8 +12,14 @@ micro-batch. Here the micro-batches of one optimizer step form an *accumulation 
 3. ITM negatives are sampled from the full window matrix with a generator seeded once per step, as the big batch
    samples them, and this micro-batch's ITM / ITG losses are weighted by its share of pairs / tokens.
 
-The equivalence is exact with dropout off and a frozen vision tower (the default); with dropout the pre-pass and the
-live pass draw different masks, which changes nothing in expectation.
+The equivalence is exact with dropout off and a frozen vision tower (the Q-Former model's default); with dropout the
+pre-pass and the live pass draw different masks, which changes nothing in expectation, and with a training vision
+tower the ITM negatives' vision features from other micro-batches come from the pre-pass, detached, so the tower
+misses their (small) ITM gradient.
+
+The window needs only the model's stage-1 hooks (`get_vision_features`, `_unimodal_features`, `_itm_on_pairs`,
+`_itg`, `temp`, `itc_label_smoothing`), so it serves every [`ImageTextPretrainingMixin`] model. A model without ITC
+(`supports_matching` false: BLIP's captioner alone) gets ITG only, each micro-batch weighted by its share of tokens.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from . import stage1_losses as losses
 class AccumulationWindow:
     """What micro-batch `index` of an accumulation window needs to know about the others (all detached)."""
 
-    image_feats: torch.Tensor  # (N, Q, E) ITC image embeddings of the whole window
-    text_feat: torch.Tensor  # (N, E) ITC text embeddings
+    image_feats: torch.Tensor | None  # (N, Q, E) ITC image embeddings of the whole window (None without ITC)
+    text_feat: torch.Tensor | None  # (N, E) ITC text embeddings
     image_embeds: torch.Tensor  # (N, P, Dv) vision features, for ITM negatives
     input_ids: torch.Tensor  # (N, T_max) every caption, padded to the window's longest
     attention_mask: torch.Tensor  # (N, T_max)
@@ -54,7 +60,7 @@ def itg_token_count(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> in
 @torch.no_grad()
 def build_accumulation_window(model, batches: list[dict], seed: int) -> AccumulationWindow:
     """The no-grad pre-pass over every micro-batch of one optimizer step."""
-    if model.config.use_momentum_distillation:
+    if model.uses_momentum_distillation:
         raise ValueError(
             "Accumulation windows do not support momentum distillation; use gradient_accumulation_steps=1."
         )
@@ -65,17 +71,18 @@ def build_accumulation_window(model, batches: list[dict], seed: int) -> Accumula
     for batch in batches:
         mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).long()
         image_embeds = model.get_vision_features(batch["pixel_values"])
-        image_feats, text_feat = model._unimodal_features(image_embeds, batch["input_ids"], mask)
-        starts.append(sum(len(f) for f in feats))
-        feats.append(image_feats)
-        texts.append(text_feat)
+        starts.append(sum(len(e) for e in embeds))
+        if model.supports_matching:
+            image_feats, text_feat = model._unimodal_features(image_embeds, batch["input_ids"], mask)
+            feats.append(image_feats)
+            texts.append(text_feat)
         embeds.append(image_embeds)
         ids.append(F.pad(batch["input_ids"], (0, length - batch["input_ids"].shape[1]), value=pad_id))
         masks.append(F.pad(mask, (0, length - mask.shape[1]), value=0))
     image_ids = [batch.get("image_ids") for batch in batches]
     return AccumulationWindow(
-        image_feats=torch.cat(feats),
-        text_feat=torch.cat(texts),
+        image_feats=torch.cat(feats) if feats else None,
+        text_feat=torch.cat(texts) if texts else None,
         image_embeds=torch.cat(embeds),
         input_ids=torch.cat(ids),
         attention_mask=torch.cat(masks),
@@ -100,6 +107,12 @@ def windowed_forward(
     start, batch_size, num_windows = window.starts[window.index], input_ids.shape[0], len(window.starts)
     local = slice(start, start + batch_size)
     image_embeds = model.get_vision_features(pixel_values)  # (B, P, Dv)
+    if window.image_feats is None:  # no ITC / ITM: this micro-batch's token share of the window's ITG loss
+        output = output_class(temperature=model.temp.detach().clone())
+        output.loss_itg, output.itg_logits = model._itg(image_embeds, input_ids, attention_mask)
+        share = itg_token_count(input_ids, attention_mask) / max(window.num_itg_tokens, 1)
+        output.loss = config.itg_weight * output.loss_itg * share
+        return output
     image_feats, text_feat = model._unimodal_features(image_embeds, input_ids, attention_mask)
     # The temperature is shared by every micro-batch: let its gradient through once per window.
     temp = model.temp if window.index == 0 else model.temp.detach()
@@ -108,7 +121,7 @@ def windowed_forward(
     sim_i2t = losses.query_text_similarity(image_feats_all, text_feat_all) / temp  # (N, N)
     sim_t2i = sim_i2t.t()
     positives = losses.positive_mask(window.size, window.size, 0, window.image_ids, window.image_ids, sim_i2t.device)
-    loss_itc = losses.contrastive_loss(sim_i2t, sim_t2i, positives, config.label_smoothing)
+    loss_itc = losses.contrastive_loss(sim_i2t, sim_t2i, positives, model.itc_label_smoothing)
     # Value 1/k of the window's ITC loss (the k micro-batches add up to it), gradient in full (see step 2).
     itc_share = loss_itc.detach() / num_windows + (loss_itc - loss_itc.detach())
     output = output_class(

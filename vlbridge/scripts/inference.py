@@ -21,6 +21,10 @@ from ..processing.image_utils import to_rgb_image
 
 STAGE1_MODEL_TYPE = "vlbridge_qformer_pretraining"
 VLM_MODEL_TYPE = "vlbridge"
+# BLIP's MED model: a stage-1 checkpoint when it holds the pretraining model (ITC / ITM / LM: `vlbridge stage1
+# --model_type blip`, or a converted BLIP retrieval / captioning checkpoint), not when it holds the VQA model.
+BLIP_MED_MODEL_TYPE = "vlbridge_blip_med"
+BLIP_MED_STAGE1_ARCHITECTURE = "BlipMEDForImageTextPretraining"
 
 
 @dataclass
@@ -29,7 +33,8 @@ class Checkpoint:
     A loaded vlbridge checkpoint.
 
     Args:
-        model ([`BridgeVLMForConditionalGeneration`] or [`QFormerForImageTextPretraining`]): In eval mode.
+        model ([`BridgeVLMForConditionalGeneration`], [`QFormerForImageTextPretraining`] or
+            [`BlipMEDForImageTextPretraining`]): In eval mode.
         processor ([`BridgeProcessor`]): Its processor.
         kind (`str`): `"vlm"` or `"stage1"`.
         stage (`str`, *optional*): The training stage its model card names (`"stage2"`, `"sft"`, ...), if any.
@@ -72,7 +77,8 @@ def checkpoint_stage(path: str | os.PathLike) -> str | None:
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """
-    Loads a vlbridge checkpoint saved by any stage (a VLM, or a stage-1 Q-Former model) with its processor.
+    Loads a vlbridge checkpoint saved by any stage (a VLM, or a stage-1 model: BLIP-2's Q-Former or BLIP's MED)
+    with its processor.
 
     Args:
         path (`str` or `os.PathLike`): The folder (`config.json`, weights, processor files).
@@ -94,15 +100,20 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not Path(path, "config.json").is_file():
         hint = " (a LoRA run: pass its merged/ folder)" if Path(path, "merged", "config.json").is_file() else ""
         raise FileNotFoundError(f"{path} holds no config.json: it is not a saved model{hint}.")
-    model_type = AutoConfig.from_pretrained(path).model_type
+    config = AutoConfig.from_pretrained(path)
+    model_type = config.model_type
     if model_type == STAGE1_MODEL_TYPE:
+        model, kind = AutoModel.from_pretrained(path), "stage1"
+    elif model_type == BLIP_MED_MODEL_TYPE and BLIP_MED_STAGE1_ARCHITECTURE in (config.architectures or []):
         model, kind = AutoModel.from_pretrained(path), "stage1"
     elif model_type == VLM_MODEL_TYPE:
         model, kind = AutoModelForImageTextToText.from_pretrained(path), "vlm"
     else:
+        held = f"{model_type!r} model" + (f" ({', '.join(config.architectures)})" if config.architectures else "")
         raise ValueError(
-            f"{path} holds a {model_type!r} model; vlbridge commands take a vlbridge VLM ({VLM_MODEL_TYPE!r}) or a "
-            f"stage-1 model ({STAGE1_MODEL_TYPE!r}). Convert a BLIP-2 checkpoint first with `vlbridge convert`."
+            f"{path} holds a {held}; vlbridge commands take a vlbridge VLM ({VLM_MODEL_TYPE!r}) or a stage-1 model "
+            f"({STAGE1_MODEL_TYPE!r}, or {BLIP_MED_MODEL_TYPE!r} holding a {BLIP_MED_STAGE1_ARCHITECTURE}). Convert "
+            "a BLIP-2 or BLIP checkpoint first with `vlbridge convert`."
         )
     processor = AutoProcessor.from_pretrained(path)
     return Checkpoint(model.eval(), processor, kind, checkpoint_stage(path))
@@ -212,7 +223,10 @@ def rank_matches(
     from ..evaluation.retrieval import ImageTextRetriever
 
     if checkpoint.kind != "stage1":
-        raise ValueError("Retrieval needs a stage-1 checkpoint (QFormerForImageTextPretraining); this one is a VLM.")
+        raise ValueError(
+            "Retrieval needs a stage-1 checkpoint (QFormerForImageTextPretraining or BlipMEDForImageTextPretraining); "
+            "this one is a VLM."
+        )
     collator = stage1_collator(checkpoint)
     retriever = ImageTextRetriever(
         checkpoint.model,

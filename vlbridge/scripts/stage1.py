@@ -1,11 +1,14 @@
 """
 BLIP-2 stage 1 (ITC + ITM + ITG) with the HF Trainer, on the built-in synthetic data or a local image-text set: the
-script behind `vlbridge stage1` and `examples/stage1.py`.
+script behind `vlbridge stage1` and `examples/stage1.py`. `--model_type blip` trains BLIP's multimodal mixture of
+encoder-decoder instead of a Q-Former (ITC + ITM + LM, momentum distillation; docs/blip.md), with the same trainer.
 
     # built-in data, the preset the figures in docs/results.md come from (about 10 minutes on 2 CPU cores)
     vlbridge stage1 --config stage1_builtin
     # a short smoke run; any preset value can be overridden on the command line
     vlbridge stage1 --config stage1_builtin --max_steps 20
+    # BLIP from scratch on the built-in data (docs/blip.md)
+    vlbridge stage1 --config stage1_blip_builtin
 
 It trains, then reports held-out retrieval recall, ITM accuracy and exact greedy captions, and saves the model with
 its tokenizer, image processor and a model card (`stage1_metrics.json` beside them).
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from transformers import CLIPImageProcessor
 
-from ..configuration import QFormerPretrainingConfig
+from ..configuration import BlipMEDConfig, QFormerPretrainingConfig
 from ..data import (
     build_word_tokenizer,
     chat_vocabulary,
@@ -30,7 +33,7 @@ from ..data.synthetic_noisy import add_caption_noise
 from ..data.user import load_user_dataset
 from ..evaluation import evaluate_stage1
 from ..hub.checkpoint import describe_checkpoint, describe_train_data
-from ..modeling import QFormerForImageTextPretraining
+from ..modeling import BlipMEDForImageTextPretraining, QFormerForImageTextPretraining
 from ..processing import BridgeProcessor
 from ..trainers import ImageTextCollator, Stage1Config, Stage1Trainer
 from ..trainers.distributed import close_process_group
@@ -61,14 +64,26 @@ class DataArguments:
     k_test: int = field(default=16, metadata={"help": "Held-out retrieval: candidates re-ranked by ITM (LAVIS: 128)."})
 
 
+MODEL_TYPES = ("qformer", "blip")
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Continue stage 1 from a saved stage-1 folder (one trained here, or a converted BLIP-2 "
-            "Blip2ForImageTextRetrieval: vlbridge convert) with its tokenizer and image processor; the size "
-            "arguments below are then ignored."
+            "help": "Continue stage 1 from a saved stage-1 folder (one trained here, a converted BLIP-2 "
+            "Blip2ForImageTextRetrieval, or a converted BLIP retrieval / captioning model: vlbridge convert) with its "
+            "tokenizer and image processor; --model_type and the size arguments below are then ignored."
+        },
+    )
+    model_type: str = field(
+        default="qformer",
+        metadata={
+            "help": "What to train from scratch: 'qformer' (BLIP-2's Q-Former beside a ViT) or 'blip' (BLIP's "
+            "multimodal mixture of encoder-decoder: ViT, BERT text encoder and a decoder sharing all but "
+            "self-attention; docs/blip.md).",
+            "choices": list(MODEL_TYPES),
         },
     )
     vision_hidden_size: int = field(default=128, metadata={"help": "ViT width (trained from scratch)."})
@@ -78,9 +93,25 @@ class ModelArguments:
     qformer_hidden_size: int = field(default=128, metadata={"help": "Q-Former width."})
     qformer_layers: int = field(default=4, metadata={"help": "Q-Former depth."})
     num_query_tokens: int = field(default=8, metadata={"help": "Learned queries."})
-    num_attention_heads: int = field(default=4, metadata={"help": "Heads of the ViT and the Q-Former."})
+    text_hidden_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "BLIP (--model_type blip): width of the text encoder / decoder (default: qformer_hidden_size)."
+        },
+    )
+    text_layers: int | None = field(
+        default=None,
+        metadata={"help": "BLIP: depth of the text encoder / decoder (default: qformer_layers)."},
+    )
+    share_encoder_decoder: bool = field(
+        default=True,
+        metadata={"help": "BLIP: the decoder shares every encoder parameter but self-attention (BLIP's pretraining)."},
+    )
+    num_attention_heads: int = field(
+        default=4, metadata={"help": "Heads of the ViT and the Q-Former (or BLIP's text)."}
+    )
     embed_dim: int = field(default=64, metadata={"help": "ITC embedding width."})
-    dropout: float = field(default=0.0, metadata={"help": "Q-Former dropout."})
+    dropout: float = field(default=0.0, metadata={"help": "Q-Former (BLIP: text) dropout."})
     initializer_range: float = field(
         default=0.1,
         metadata={"help": "Q-Former init std. From scratch, BERT's 0.02 leaves ITC on its ln(N) plateau for long."},
@@ -88,7 +119,33 @@ class ModelArguments:
     vision_initializer_range: float = field(default=0.02, metadata={"help": "ViT init std."})
     itc_weight: float = field(default=1.0, metadata={"help": "Weight of the ITC loss."})
     itm_weight: float = field(default=1.0, metadata={"help": "Weight of the ITM loss."})
-    itg_weight: float = field(default=1.0, metadata={"help": "Weight of the ITG loss."})
+    itg_weight: float = field(default=1.0, metadata={"help": "Weight of the ITG loss (BLIP's LM loss)."})
+    use_momentum_distillation: bool | None = field(
+        default=None,
+        metadata={
+            "help": "ALBEF / BLIP momentum distillation with feature queues (default: the model's, on for BLIP, off "
+            "for the Q-Former); needs gradient_accumulation_steps=1 and a queue_size that the batch size divides."
+        },
+    )
+    queue_size: int | None = field(
+        default=None, metadata={"help": "Momentum distillation: queue length, a multiple of the global batch size."}
+    )
+    alpha_warmup_steps: int | None = field(
+        default=None, metadata={"help": "Momentum distillation: steps over which the soft targets' weight ramps up."}
+    )
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"--model_type must be one of {MODEL_TYPES}, got {self.model_type!r}.")
+
+    def momentum_options(self) -> dict:
+        """The momentum-distillation settings given on the command line (the rest stay the model's defaults)."""
+        options = {
+            "use_momentum_distillation": self.use_momentum_distillation,
+            "queue_size": self.queue_size,
+            "alpha_warmup_steps": self.alpha_warmup_steps,
+        }
+        return {key: value for key, value in options.items() if value is not None}
 
 
 def make_parser() -> ScriptParser:
@@ -139,8 +196,11 @@ def load_data(args: DataArguments):
     return train, images["test"], words
 
 
-def build_model(args: ModelArguments, data: DataArguments, tokenizer) -> QFormerForImageTextPretraining:
-    """A [`QFormerForImageTextPretraining`] from scratch: a ViT and a Q-Former of the sizes `args` gives."""
+def build_model(args: ModelArguments, data: DataArguments, tokenizer):
+    """A stage-1 model from scratch of `args.model_type`: a ViT and a Q-Former ([`QFormerForImageTextPretraining`])
+    or BLIP's MED ([`build_blip_model`]), of the sizes `args` gives."""
+    if args.model_type == "blip":
+        return build_blip_model(args, data, tokenizer)
     config = QFormerPretrainingConfig(
         vision_config={
             "model_type": "vit",
@@ -175,20 +235,83 @@ def build_model(args: ModelArguments, data: DataArguments, tokenizer) -> QFormer
         decoder_start_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **args.momentum_options(),
     )
     return QFormerForImageTextPretraining(config)
 
 
+def build_blip_model(args: ModelArguments, data: DataArguments, tokenizer) -> BlipMEDForImageTextPretraining:
+    """A [`BlipMEDForImageTextPretraining`] from scratch: BLIP's ViT of the ViT arguments' sizes and a BERT text
+    encoder / decoder of `text_hidden_size` x `text_layers` (the Q-Former's sizes when unset); `[DEC]` and `[ENC]`
+    come from the tokenizer."""
+    width = args.text_hidden_size or args.qformer_hidden_size
+    decoder_start, enc = tokenizer.convert_tokens_to_ids("[DEC]"), tokenizer.convert_tokens_to_ids("[ENC]")
+    if tokenizer.unk_token_id in (decoder_start, enc):
+        raise ValueError("BLIP needs [DEC] and [ENC] in the tokenizer's vocabulary (build_word_tokenizer adds words).")
+    config = BlipMEDConfig(
+        vision_config={
+            "model_type": "blip_vision_model",
+            "hidden_size": args.vision_hidden_size,
+            "num_hidden_layers": args.vision_layers,
+            "num_attention_heads": args.num_attention_heads,
+            "intermediate_size": 4 * args.vision_hidden_size,
+            "image_size": data.image_size,
+            "patch_size": args.patch_size,
+            "attention_dropout": 0.0,
+            "initializer_range": args.vision_initializer_range,
+        },
+        text_config={
+            "model_type": "blip_text_model",
+            "vocab_size": len(tokenizer),
+            "hidden_size": width,
+            "num_hidden_layers": args.text_layers or args.qformer_layers,
+            "num_attention_heads": args.num_attention_heads,
+            "intermediate_size": 4 * width,
+            "max_position_embeddings": 64,
+            "initializer_range": args.initializer_range,
+            "hidden_dropout_prob": args.dropout,
+            "attention_probs_dropout_prob": args.dropout,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": decoder_start,
+            "eos_token_id": tokenizer.eos_token_id,
+            "sep_token_id": tokenizer.eos_token_id,
+        },
+        embed_dim=args.embed_dim,
+        share_encoder_decoder=args.share_encoder_decoder,
+        itc_weight=args.itc_weight,
+        itm_weight=args.itm_weight,
+        itg_weight=args.itg_weight,
+        freeze_vision_tower=args.freeze_vision_tower,
+        initializer_range=args.initializer_range,
+        decoder_start_token_id=decoder_start,
+        enc_token_id=enc,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **args.momentum_options(),
+    )
+    return BlipMEDForImageTextPretraining(config)
+
+
+def build_tokenizer(words: list[str], model_type: str = "qformer"):
+    """The word tokenizer of a from-scratch model: the data's words and `[DEC]` (ITG's start), plus `[ENC]` (ITM's
+    first token) for BLIP."""
+    return build_word_tokenizer([*words, "[DEC]", *(["[ENC]"] if model_type == "blip" else [])])
+
+
 def load_stage1_folder(path: str):
     """A saved stage-1 model with the tokenizer and image processor beside it, checked to be a stage-1 model."""
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(path)
-    if not isinstance(model, QFormerForImageTextPretraining):
+    architectures = AutoConfig.from_pretrained(path).architectures or []
+    # A BLIP MED folder may hold the VQA model, which AutoModel would build as the pretraining model, half empty.
+    blip_other = any(name.startswith("BlipMED") and name != "BlipMEDForImageTextPretraining" for name in architectures)
+    model = None if blip_other else AutoModel.from_pretrained(path)
+    if not isinstance(model, (QFormerForImageTextPretraining, BlipMEDForImageTextPretraining)):
+        held = type(model).__name__ if model is not None else ", ".join(architectures)
         raise ValueError(
-            f"--model_name_or_path {path} holds a {type(model).__name__}, not a stage-1 model "
-            "(QFormerForImageTextPretraining): pass a folder saved by vlbridge stage1, or a BLIP-2 "
-            "Blip2ForImageTextRetrieval converted with `vlbridge convert`."
+            f"--model_name_or_path {path} holds a {held}, not a stage-1 model (QFormerForImageTextPretraining or "
+            "BlipMEDForImageTextPretraining): pass a folder saved by vlbridge stage1, or a BLIP-2 "
+            "Blip2ForImageTextRetrieval / BLIP retrieval or captioning model converted with `vlbridge convert`."
         )
     return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
 
@@ -216,7 +339,8 @@ def evaluate_and_save(trainer, held_out, collator, data_args: DataArguments, out
     Path(output_dir, "stage1_metrics.json").write_text(json.dumps(metrics, indent=2))
     # Self-describing checkpoint: processor + chat template, auto_map, and a card with the data and metrics.
     source = "built-in scenes (make_synthetic_image_text)" if data_args.dataset == "builtin" else data_args.dataset
-    queries = model.config.qformer_config.num_query_tokens
+    # Image embeddings per image: the Q-Former's queries, BLIP's one projected [CLS].
+    queries = model.config.qformer_config.num_query_tokens if isinstance(model, QFormerForImageTextPretraining) else 1
     describe_checkpoint(
         output_dir,
         stage="stage1",
@@ -256,7 +380,7 @@ def main(data_args: DataArguments, training_args: Stage1Config, model_args: Mode
     if model_args.model_name_or_path:
         model, tokenizer, image_processor = load_stage1_folder(model_args.model_name_or_path)
     else:
-        tokenizer = build_word_tokenizer([*words, "[DEC]"])
+        tokenizer = build_tokenizer(words, model_args.model_type)
         image_processor = image_processor_for(data_args)
         model = build_model(model_args, data_args, tokenizer)
     collator = ImageTextCollator(image_processor, tokenizer, max_length=training_args.max_text_length)
@@ -280,7 +404,16 @@ def main(data_args: DataArguments, training_args: Stage1Config, model_args: Mode
     return ScriptResult(metrics, training_args.output_dir, log_history)
 
 
-__all__ = ["DataArguments", "ModelArguments", "build_model", "load_data", "main", "make_parser"]
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "build_blip_model",
+    "build_model",
+    "build_tokenizer",
+    "load_data",
+    "main",
+    "make_parser",
+]
 
 
 if __name__ == "__main__":
