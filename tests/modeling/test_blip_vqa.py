@@ -185,6 +185,18 @@ def test_save_and_load(tmp_path):
     assert reloaded.text_encoder.encoder.layer[0].crossattention.self.key.weight.grad is not None
 
 
+def test_a_saved_vqa_folder_describes_itself_as_one(tmp_path):
+    import json
+
+    make_model().save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    # AutoModel would build the pretraining model for this config: the folder points only at the VQA class.
+    assert auto_map["AutoModelForVisualQuestionAnswering"].endswith("BlipMEDForQuestionAnswering")
+    assert "AutoModel" not in auto_map and "AutoModelForPreTraining" not in auto_map
+    card = (tmp_path / "README.md").read_text()
+    assert "pipeline_tag: visual-question-answering" in card and "question encoder" in card
+
+
 def test_bad_input_is_refused():
     model = make_model()
     pixel_values, questions, mask, answers = batch()

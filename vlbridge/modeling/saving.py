@@ -147,7 +147,8 @@ def push_to_hub_with_processor(
 
 # The Auto classes a vlbridge checkpoint can resolve through, most specific first: the card's usage snippet shows the
 # first one that gives the saved architecture.
-MODEL_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForPreTraining", "AutoModel")
+VQA_AUTO_CLASS = "AutoModelForVisualQuestionAnswering"
+MODEL_AUTO_CLASSES = ("AutoModelForImageTextToText", VQA_AUTO_CLASS, "AutoModelForPreTraining", "AutoModel")
 
 STAGES = {
     "stage1": "BLIP-2 stage 1 / BLIP pretraining, representation learning: the model learns to match images with "
@@ -163,6 +164,15 @@ PIPELINE_TAGS = {
     "vlbridge_qformer_pretraining": "zero-shot-image-classification",
     "vlbridge_blip_med": "image-to-text",
 }
+
+
+def _pipeline_tag(config: dict) -> str | None:
+    """The Hub's pipeline tag of a saved config (a BLIP VQA folder answers questions; its pretraining sibling
+    captions)."""
+    model_type = config.get("model_type")
+    if "BlipMEDForQuestionAnswering" in (config.get("architectures") or []):
+        return "visual-question-answering"
+    return PIPELINE_TAGS.get(model_type, "feature-extraction" if model_type in BRIDGE_NAMES else None)
 
 
 def format_value(value) -> str:
@@ -236,18 +246,22 @@ def auto_classes(output_dir: str | Path) -> dict[str, type]:
     if _exported_class(config_class.__name__) is not config_class:
         return {}
     classes = {"AutoConfig": config_class}
-    for name in (
-        "AutoModel",
-        "AutoModelForPreTraining",
-        "AutoModelForImageTextToText",
-        "AutoModelForZeroShotImageClassification",
-    ):
+    names = ["AutoModel", "AutoModelForPreTraining", "AutoModelForImageTextToText"]
+    names += ["AutoModelForZeroShotImageClassification", VQA_AUTO_CLASS]
+    architectures = (_read_json(folder / "config.json") or {}).get("architectures") or []
+    for name in names:
         try:
             model_class = getattr(transformers, name)._model_mapping[config_class]
         except KeyError:
             continue
         if _exported_class(model_class.__name__) is model_class:
             classes[name] = model_class
+    # One config, two BLIP models: a VQA folder resolves through the VQA Auto class only, never to the pretraining
+    # model that AutoModel / AutoModelForPreTraining build for this config.
+    if VQA_AUTO_CLASS in classes and classes[VQA_AUTO_CLASS].__name__ in architectures:
+        classes = {key: value for key, value in classes.items() if key in ("AutoConfig", VQA_AUTO_CLASS)}
+    else:
+        classes.pop(VQA_AUTO_CLASS, None)
     processor_class = _exported_class((_read_json(folder / "processor_config.json") or {}).get("processor_class", ""))
     if processor_class is not None:
         classes["AutoProcessor"] = processor_class
@@ -315,6 +329,11 @@ def _architecture(config: dict | None, adapter: dict | None) -> str:
             f"A BLIP-2 stage-1 model: a `{vision}` vision tower and a Q-Former ({queries} queries) with its text "
             "branch and the ITC / ITM / ITG heads. Its vision tower and Q-Former start the stage-2 VLM "
             "(`vlbridge.modeling.from_pretrained_parts.vlm_from_stage1`)."
+        )
+    if model_type == "vlbridge_blip_med" and "BlipMEDForQuestionAnswering" in (config.get("architectures") or []):
+        return (
+            f"A BLIP visual question answering model: a `{vision}` vision tower, a BERT question encoder that reads "
+            "the image, and an answer decoder that reads the question (`generate`)."
         )
     if model_type == "vlbridge_blip_med":
         parts = [
@@ -495,7 +514,7 @@ def write_model_card(
     bridge = (config or {}).get("bridge_config", {}).get("model_type")
     card_data = ModelCardData(
         library_name="vlbridge",
-        pipeline_tag=PIPELINE_TAGS.get(model_type, "feature-extraction" if model_type in BRIDGE_NAMES else None),
+        pipeline_tag=_pipeline_tag(config or {}),
         tags=list(dict.fromkeys(tag for tag in ("vlbridge", model_type, bridge, stage, *(tags or [])) if tag)),
         base_model=base_models or None,
         datasets=datasets or None,
