@@ -19,6 +19,9 @@ VISION_PREFIX_TOKENS = {
 }
 
 
+IMAGE_FUSIONS = ("tokens", "gated_cross_attention")
+
+
 def _as_pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
@@ -93,7 +96,26 @@ class BridgeVLMConfig(PreTrainedConfig):
             bridge. `False` feeds the bridge's tokens to the language model as they are (LLaVA-1.5, whose MLP
             projector already ends at the LM's width): the model then has no `language_projection` module and its
             checkpoints no `language_projection.*` keys, and the bridge's `hidden_size` must equal the LM's embedding
-            width.
+            width. Not used with gated cross-attention, whose blocks read the bridge's tokens at its own width.
+        image_fusion (`str`, *optional*, defaults to `"tokens"`):
+            How images enter the language model. `"tokens"` (BLIP-2, LLaVA, BLIP-3): the bridge's tokens replace
+            `num_image_tokens` `<image>` placeholders in the input embeddings. `"gated_cross_attention"` (Flamingo,
+            OpenFlamingo): each image stays one `<image>` marker token in the text, and tanh-gated cross-attention
+            blocks, run before every `cross_attention_every_n_layers`-th decoder layer of the language model, let
+            the text read the bridge's tokens. The gates start at 0, so the model starts as the plain language model.
+            Needs a decoder-only language model and single-view images (no any-res).
+        cross_attention_every_n_layers (`int`, *optional*, defaults to 4):
+            Gated cross-attention: a block before decoder layers `n - 1, 2n - 1, ...` (OpenFlamingo's placement);
+            must divide the language model's depth (OpenFlamingo-3B uses 1, -4B 2, -9B 4).
+        only_attend_immediate_media (`bool`, *optional*, defaults to `True`):
+            Gated cross-attention: a text token reads only the last image before it (Flamingo's choice, better in its
+            ablation); `False` lets it read every earlier image. Text before the first image reads nothing visual.
+        cross_attention_num_heads (`int`, *optional*, defaults to 8):
+            Heads of each gated cross-attention block.
+        cross_attention_head_dim (`int`, *optional*, defaults to 64):
+            Width of each head of the gated cross-attention blocks.
+        cross_attention_ff_mult (`int`, *optional*, defaults to 4):
+            The blocks' feed-forward layer is `hidden_size -> ff_mult * hidden_size -> hidden_size`.
 
     Example:
 
@@ -131,6 +153,12 @@ class BridgeVLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool | None = None
     initializer_range: float = 0.02
     use_language_projection: bool = True
+    image_fusion: str = "tokens"
+    cross_attention_every_n_layers: int = 4
+    only_attend_immediate_media: bool = True
+    cross_attention_num_heads: int = 8
+    cross_attention_head_dim: int = 64
+    cross_attention_ff_mult: int = 4
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -158,8 +186,14 @@ class BridgeVLMConfig(PreTrainedConfig):
                 f"The MLP projector drops a CLS token, but vision tower '{self.vision_config.model_type}' has none: "
                 "set bridge_config drop_cls_token=False."
             )
-        self.num_image_tokens = self.bridge_config.num_output_tokens(self._num_vision_tokens())
-        if self.num_image_tokens < 1:
+        if self.image_fusion not in IMAGE_FUSIONS:
+            raise ValueError(f"image_fusion={self.image_fusion!r} is not one of {IMAGE_FUSIONS}.")
+        self.num_image_tokens = self.num_media_tokens
+        if self.uses_cross_attention:
+            self._check_cross_attention()
+            # One marker per image in the text: the bridge's tokens reach the LM through the gated blocks instead.
+            self.num_image_tokens = 1
+        elif self.num_image_tokens < 1:
             raise ValueError(
                 f"The bridge gives {self.num_image_tokens} tokens per image: an image needs at least one. Give the "
                 "bridge more outputs (num_query_tokens, num_latents) or the vision tower more patches."
@@ -168,8 +202,53 @@ class BridgeVLMConfig(PreTrainedConfig):
             self._check_grid_pinpoints()
         self._check_image_token_id()
         check_vision_feature_layer(self.vision_feature_layer, self.vision_config)
-        if not self.use_language_projection:
+        if not self.use_language_projection and not self.uses_cross_attention:
             self._check_bridge_width()
+
+    @property
+    def uses_cross_attention(self) -> bool:
+        """Whether images enter the language model through gated cross-attention (Flamingo) rather than tokens."""
+        return self.image_fusion == "gated_cross_attention"
+
+    @property
+    def num_media_tokens(self) -> int:
+        """Tokens the bridge gives per image (per tile with any-res, per video with frames): what the `<image>`
+        placeholders take with token fusion, and what the gated blocks read with cross-attention."""
+        return self.bridge_config.num_output_tokens(self._num_vision_tokens())
+
+    @property
+    def text_num_layers(self) -> int | None:
+        """Depth of the language model (decoder layers), or None if its config does not say."""
+        depth = getattr(self.text_config, "num_hidden_layers", None)
+        return depth if isinstance(depth, int) else None
+
+    def cross_attention_layers(self) -> list[int]:
+        """Indices of the decoder layers preceded by a gated cross-attention block (empty with token fusion)."""
+        if not self.uses_cross_attention or self.text_num_layers is None:
+            return []
+        every = self.cross_attention_every_n_layers
+        return [index for index in range(self.text_num_layers) if (index + 1) % every == 0]
+
+    def _check_cross_attention(self) -> None:
+        if self.is_encoder_decoder:
+            raise ValueError(
+                f"image_fusion='gated_cross_attention' puts blocks before the decoder layers of a decoder-only "
+                f"language model; '{self.text_config.model_type}' is an encoder-decoder: use image_fusion='tokens'."
+            )
+        if self.image_grid_pinpoints is not None:
+            raise ValueError(
+                "image_fusion='gated_cross_attention' reads one set of bridge tokens per image; any-res tiles "
+                "(image_grid_pinpoints) are not supported there: set image_grid_pinpoints=None, or give the Perceiver "
+                "the crops as frames (bridge_config num_frames) through the processor's videos=."
+            )
+        depth, every = self.text_num_layers, self.cross_attention_every_n_layers
+        if every < 1 or (depth is not None and (every > depth or depth % every)):
+            divisors = [n for n in range(1, (depth or 0) + 1) if depth % n == 0] if depth else "a positive integer"
+            raise ValueError(
+                f"cross_attention_every_n_layers={every} must divide the language model's depth "
+                f"(text_config num_hidden_layers={depth}) and be at most that depth, so that the blocks sit evenly: "
+                f"use one of {divisors}."
+            )
 
     @property
     def text_embed_width(self) -> int | None:
@@ -253,4 +332,4 @@ class BridgeVLMConfig(PreTrainedConfig):
         return (height // patch_h) * (width // patch_w) + self.vision_num_prefix_tokens
 
 
-__all__ = ["BridgeVLMConfig"]
+__all__ = ["IMAGE_FUSIONS", "BridgeVLMConfig"]

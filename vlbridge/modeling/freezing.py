@@ -12,16 +12,17 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 # The VLM's components, by the attribute path under which they hold their parameters.
-COMPONENTS = ("vision_tower", "bridge", "language_projection", "language_model", "lm_head")
+COMPONENTS = ("vision_tower", "bridge", "language_projection", "gated_cross_attention", "language_model", "lm_head")
 
 # What trains in each stage of the recipe; everything else is frozen. A component the model lacks is skipped: without
 # a language projection (`use_language_projection=False`, LLaVA-1.5) "stage2" trains the bridge alone, as LLaVA's
 # pre-training trains its projector alone.
 FREEZE_STAGES: dict[str, tuple[str, ...]] = {
-    # BLIP-2 stage 2 / LLaVA pre-training: only the bridge and the projection learn.
-    "stage2": ("bridge", "language_projection"),
+    # BLIP-2 stage 2 / LLaVA pre-training: only the bridge and the projection learn. Flamingo: the Perceiver and the
+    # gated cross-attention blocks learn, the language model stays frozen.
+    "stage2": ("bridge", "language_projection", "gated_cross_attention"),
     # Instruction tuning (LLaVA stage 2, BLIP-3 SFT): the vision tower stays frozen.
-    "finetune": ("bridge", "language_projection", "language_model", "lm_head"),
+    "finetune": ("bridge", "language_projection", "gated_cross_attention", "language_model", "lm_head"),
     # Everything trains.
     "full-finetune": COMPONENTS,
     # Only the language model (e.g. a text warm-up, or the base for LoRA post-training).

@@ -16,7 +16,7 @@ from ..configuration import BridgeVLMConfig
 def build_language_projection(config: BridgeVLMConfig, embed_dim: int) -> nn.Linear | None:
     """
     The projection of a VLM whose language model embeds at `embed_dim`, or `None` with
-    `config.use_language_projection=False`.
+    `config.use_language_projection=False` or gated cross-attention fusion.
 
     The config already compares the widths from the sub-configs; this compares them against the built embeddings,
     which also covers language models whose config names its width otherwise.
@@ -46,6 +46,8 @@ def build_language_projection(config: BridgeVLMConfig, embed_dim: int) -> nn.Lin
     ```
     """
     bridge_width = config.bridge_config.hidden_size
+    if config.uses_cross_attention:
+        return None  # the gated blocks read the bridge's tokens at the bridge's width
     if config.use_language_projection:
         return nn.Linear(bridge_width, embed_dim)
     if bridge_width != embed_dim:

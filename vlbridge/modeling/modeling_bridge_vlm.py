@@ -1,8 +1,10 @@
 """The composite VLM: any vision tower -> bridge -> (language projection) -> any language model.
 
-Images reach the language model only through `<image>` placeholder tokens, never as prepended embeddings: the
-bridge's tokens are scattered into the placeholder positions of the input embeddings, so logits stay aligned
-one-to-one with `input_ids`, which TRL's fused LM head and the DPO loss rely on.
+Images reach the language model through `<image>` tokens, never as prepended embeddings, so logits stay aligned
+one-to-one with `input_ids`, which TRL's fused LM head and the DPO loss rely on. With token fusion (the default) the
+bridge's tokens are scattered into the placeholder positions of the input embeddings; with gated cross-attention
+(Flamingo) each image is one marker token and the text reads the bridge's tokens through gated blocks beside the
+language model (`gated_cross_attention.py`).
 """
 
 from __future__ import annotations
@@ -13,16 +15,24 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput, logging
 
 from ..configuration import BridgeVLMConfig
-from .anyres import AnyResTiles, expand_images_for_generation, images_per_sample
+from .anyres import AnyResTiles
 from .bridge_utils import check_pixel_values, vision_tower_features
 from .compat import CACHE_KEY
 from .freezing import FreezingMixin
 from .from_pretrained_parts import from_vision_text_pretrained
+from .gated_cross_attention import (
+    CrossAttentionFusionMixin,
+    GatedCrossAttentionBlock,
+    GatedCrossAttentionLayers,
+    find_decoder_layers,
+)
+from .generation_utils import BridgeGenerationMixin
 from .language_projection import build_language_projection, project_image_tokens
 from .outputs import BridgeModelOutput
 from .qformer_features import BridgeFeaturesMixin
@@ -31,14 +41,6 @@ from .saving import SelfDescribingMixin, push_to_hub_with_processor
 
 logger = logging.get_logger(__name__)
 
-# Keyword arguments that carry images; they are consumed when the prompt is encoded and never re-sent while decoding.
-IMAGE_INPUT_KEYS = (
-    "pixel_values",
-    "image_sizes",
-    "image_attention_mask",
-    "qformer_input_ids",
-    "qformer_attention_mask",
-)
 
 
 @dataclass
@@ -122,7 +124,11 @@ class BridgeVLMPreTrainedModel(FreezingMixin, PreTrainedModel):
     ]
 
     def _init_weights(self, module: nn.Module) -> None:
-        if module is getattr(self, "language_projection", None):
+        if isinstance(module, GatedCrossAttentionBlock):
+            # Flamingo's tanh gates start at 0: a new block leaves the language model exactly as it was.
+            init.zeros_(module.attention_gate)
+            init.zeros_(module.mlp_gate)
+        elif module is getattr(self, "language_projection", None):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -130,7 +136,7 @@ class BridgeVLMPreTrainedModel(FreezingMixin, PreTrainedModel):
             super()._init_weights(module)
 
 
-class BridgeVLMModel(BridgeVLMPreTrainedModel):
+class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
     r"""
     Vision tower, bridge, language projection (unless `config.use_language_projection=False`) and language model,
     without a language-modelling head.
@@ -168,6 +174,12 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         embed_dim = self.language_model.get_input_embeddings().embedding_dim
         # None with `use_language_projection=False` (LLaVA-1.5): no module, no checkpoint keys.
         self.language_projection = build_language_projection(config, embed_dim)
+        # Flamingo fusion: the gated blocks sit beside the language model and reach it through hooks on its decoder
+        # layers, so the language model's own modules and checkpoint keys stay as they are.
+        self.gated_cross_attention = None
+        if config.uses_cross_attention:
+            self.gated_cross_attention = GatedCrossAttentionLayers(config, config.text_config.hidden_size)
+            self.gated_cross_attention.attach(find_decoder_layers(self.language_model, config.text_num_layers))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -447,7 +459,18 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
         """
         image_features = None
         self._check_sequence_length(input_ids, inputs_embeds, encoder_outputs, kwargs.get(CACHE_KEY))
-        if encoder_outputs is None or not self.config.is_encoder_decoder:
+        if self.gated_cross_attention is not None:
+            inputs_embeds, image_features = self.prepare_cross_attention(
+                input_ids,
+                inputs_embeds,
+                pixel_values,
+                image_attention_mask,
+                qformer_input_ids,
+                qformer_attention_mask,
+                image_sizes,
+                cache=kwargs.get(CACHE_KEY),
+            )
+        elif encoder_outputs is None or not self.config.is_encoder_decoder:
             if input_ids is not None or inputs_embeds is not None:
                 inputs_embeds, image_features = self.merge_image_tokens(
                     input_ids,
@@ -482,7 +505,12 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
                 encoder_last_hidden_state=outputs.encoder_last_hidden_state,
                 image_hidden_states=image_features,
             )
-        outputs = self.language_model(position_ids=position_ids, **lm_kwargs)
+        try:
+            outputs = self.language_model(position_ids=position_ids, **lm_kwargs)
+        finally:
+            self.finish_cross_attention()
+        if self.gated_cross_attention is not None:
+            self.gated_cross_attention.keep_with_cache(outputs.get(CACHE_KEY))
         return BridgeVLMModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             **{CACHE_KEY: outputs.get(CACHE_KEY)},
@@ -493,7 +521,7 @@ class BridgeVLMModel(BridgeVLMPreTrainedModel):
 
 
 class BridgeVLMForConditionalGeneration(
-    SelfDescribingMixin, BridgeFeaturesMixin, BridgeVLMPreTrainedModel, GenerationMixin
+    SelfDescribingMixin, BridgeFeaturesMixin, BridgeGenerationMixin, BridgeVLMPreTrainedModel, GenerationMixin
 ):
     r"""
     [`BridgeVLMModel`] with a language-modelling head: trains with `labels` and generates text about images.
@@ -706,60 +734,6 @@ class BridgeVLMForConditionalGeneration(
         pad = text_config.pad_token_id if text_config.pad_token_id is not None else 0
         return shifted.masked_fill(shifted == -100, pad)
 
-    def generate(self, *args, **kwargs):
-        """[`~GenerationMixin.generate`], with the image placeholder token suppressed: it is input only, and a
-        generated one would ask for an image at the next step (an untrained model can emit it)."""
-        image_token_id = self.config.image_token_id
-        if image_token_id is not None and "suppress_tokens" not in kwargs:
-            config = kwargs.get("generation_config") or self.generation_config
-            suppressed = list(getattr(config, "suppress_tokens", None) or [])
-            if image_token_id not in suppressed:
-                kwargs["suppress_tokens"] = [*suppressed, image_token_id]
-        return super().generate(*args, **kwargs)
-
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        # Images are encoded once, at prefill; afterwards the KV cache already holds them.
-        if not is_first_iteration and model_inputs.get("use_cache", kwargs.get("use_cache", True)):
-            for key in IMAGE_INPUT_KEYS:
-                model_inputs.pop(key, None)
-        return model_inputs
-
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        # Beam search / num_return_sequences repeat each sample; its images must follow it as a group (the generic
-        # per-row repeat_interleave would give a two-image sample's copies the images [a, a] and [b, b]).
-        pixel_values = model_kwargs.get("pixel_values")
-        if expand_size == 1 or pixel_values is None or input_ids is None:
-            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
-        num_images, per_tile = pixel_values.shape[0], self.config.num_image_tokens
-        per_image = {
-            key: model_kwargs.pop(key)
-            for key in IMAGE_INPUT_KEYS
-            if isinstance(model_kwargs.get(key), torch.Tensor) and model_kwargs[key].shape[0] == num_images
-        }
-        if pixel_values.dim() == 5:
-            tiles = AnyResTiles.from_inputs(self.config, pixel_values, per_image.get("image_sizes"))
-            tokens_per_image = [count * per_tile for count in tiles.num_tiles]
-        else:
-            tokens_per_image = [per_tile] * num_images
-        counts = images_per_sample(input_ids, self.config.image_token_id, tokens_per_image)
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size, is_encoder_decoder, input_ids, **model_kwargs
-        )
-        model_kwargs.update(expand_images_for_generation(per_image, counts, expand_size))
-        return input_ids, model_kwargs
-
-    def _prepare_text_encoder_decoder_kwargs_for_generation(
-        self, inputs_tensor, model_kwargs, model_input_name, generation_config
-    ):
-        # Encoder-decoder LM: the images must be in the encoder's input embeddings before the encoder runs once.
-        image_kwargs = {key: model_kwargs.pop(key, None) for key in IMAGE_INPUT_KEYS}
-        input_ids = inputs_tensor if model_input_name == "input_ids" else None
-        inputs_embeds = inputs_tensor if model_input_name == "inputs_embeds" else None
-        inputs_embeds, _ = self.model.merge_image_tokens(input_ids, inputs_embeds, **image_kwargs)
-        return super()._prepare_text_encoder_decoder_kwargs_for_generation(
-            inputs_embeds, model_kwargs, "inputs_embeds", generation_config
-        )
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

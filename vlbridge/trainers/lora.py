@@ -67,6 +67,11 @@ def _bridge_modules(model: nn.Module) -> list[str]:
         except AttributeError:  # absent, or None (`get_submodule` refuses a non-module)
             continue
         present.append(path)
+    # Flamingo's gated blocks, one by one: the hooks on the decoder layers look each block up by key, so PEFT's
+    # wrapper (which runs the trained copy) must replace the blocks themselves, not the dictionary holding them.
+    blocks = getattr(getattr(model, "model", None), "gated_cross_attention", None)
+    if blocks is not None:
+        present += [f"model.gated_cross_attention.{index}" for index in blocks.keys()]
     return present
 
 
