@@ -192,13 +192,13 @@ class GatedCrossAttentionBlock(nn.Module):
         if key.shape[2] == 0:  # no image anywhere in the batch: nothing to read
             return torch.zeros_like(normed)
         query = projections.split_heads(projections.q_proj(normed))  # (B, heads, T, d)
-        # Additive mask: a finite minimum, so that rows with nothing allowed stay finite; they are zeroed below.
-        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[:, None]  # (B, 1, T, S)
+        reads_media = allowed.any(-1)  # (B, T)
+        # A row with nothing to read would be all -inf (NaN after softmax, and NaN * 0 is NaN): it reads everything
+        # here and is zeroed below. A boolean mask, as an additive minimum can overflow to -inf when added.
+        mask = (allowed | ~reads_media[..., None])[:, None]  # (B, 1, T, S)
         attended = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask)
         # A token with no image to read (before the first one, or a sample without images) gets nothing visual.
-        reads_media = allowed.any(-1)[:, None, :, None]  # (B, 1, T, 1)
-        attended = attended * reads_media.to(attended.dtype)  # (B, heads, T, d)
+        attended = attended * reads_media[:, None, :, None].to(attended.dtype)  # (B, heads, T, d)
         attended = attended.transpose(1, 2).reshape(batch_size, length, -1)  # (B, T, heads * d)
         return projections.o_proj(attended)
 

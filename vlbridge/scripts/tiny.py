@@ -60,7 +60,16 @@ def tiny_text_config(tokenizer) -> dict:
     }
 
 
-def tiny_vlm(bridge: str, tokenizer):
+# The tiny VLM's gated cross-attention (Flamingo fusion): a block before each of the tiny LM's 2 layers, heads of
+# width 16 as the LM's own.
+TINY_CROSS_ATTENTION = {
+    "cross_attention_every_n_layers": 1,
+    "cross_attention_num_heads": 4,
+    "cross_attention_head_dim": 16,
+}
+
+
+def tiny_vlm(bridge: str, tokenizer, image_fusion: str = "tokens"):
     """
     A randomly initialised tiny [`BridgeVLMForConditionalGeneration`]: a 2-layer CLIP-style ViT on 32-px images
     (patches of 8), the `bridge` of [`TINY_BRIDGES`] and the [`tiny_text_config`] Llama.
@@ -68,6 +77,8 @@ def tiny_vlm(bridge: str, tokenizer):
     Args:
         bridge (`str`): `"qformer"`, `"perceiver"` or `"mlp"`.
         tokenizer ([`PreTrainedTokenizerBase`]): Must have an image token (`vlbridge.data.build_word_tokenizer`).
+        image_fusion (`str`, *optional*, defaults to `"tokens"`): `"tokens"` (placeholders) or
+            `"gated_cross_attention"` (Flamingo: [`TINY_CROSS_ATTENTION`] blocks before the LM's layers).
 
     Example:
 
@@ -96,8 +107,10 @@ def tiny_vlm(bridge: str, tokenizer):
         bridge_config=TINY_BRIDGES[bridge],
         text_config=tiny_text_config(tokenizer),
         image_token_id=tokenizer.image_token_id,
+        image_fusion=image_fusion,
+        **(TINY_CROSS_ATTENTION if image_fusion == "gated_cross_attention" else {}),
     )
     return BridgeVLMForConditionalGeneration(config)
 
 
-__all__ = ["TINY_BRIDGES", "tiny_text_config", "tiny_vlm"]
+__all__ = ["TINY_BRIDGES", "TINY_CROSS_ATTENTION", "tiny_text_config", "tiny_vlm"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trl import TrlParser
 
+from ..configuration.configuration_bridge_vlm import IMAGE_FUSIONS
 from ..data.user import DATASET_FORMATS, load_user_dataset
 from ..hub.checkpoint import check_model_folder
 from ..modeling.freezing import FREEZE_STAGES
@@ -241,6 +242,14 @@ class VLMModelArguments:
     bridge: str = field(
         default="qformer", metadata={"help": "Bridge of the tiny VLM built in code.", "choices": list(BRIDGES)}
     )
+    image_fusion: str = field(
+        default="tokens",
+        metadata={
+            "help": "How images enter the tiny VLM's language model: 'tokens' (placeholders, BLIP-2 / LLaVA) or "
+            "'gated_cross_attention' (Flamingo's gated blocks beside the frozen LM).",
+            "choices": list(IMAGE_FUSIONS),
+        },
+    )
     freeze: str = field(
         default="finetune", metadata={"help": "What trains (FREEZE_STAGES).", "choices": sorted(FREEZE_STAGES)}
     )
@@ -274,7 +283,7 @@ def load_model_and_processor(args: VLMModelArguments, vocabulary: list[str]):
         processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     else:
         tokenizer = build_word_tokenizer(vocabulary)
-        model = tiny_vlm(args.bridge, tokenizer)
+        model = tiny_vlm(args.bridge, tokenizer, args.image_fusion)
         size = model.config.vision_config.image_size
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         processor = BridgeProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
