@@ -228,3 +228,217 @@ def test_parity_with_transformers_idefics_perceiver_resampler(attn_implementatio
         got_unmasked = ours(image_embeds).image_tokens
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_unmasked, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Media-time (frame) embeddings: videos and multi-crop images, as OpenFlamingo's `frame_embs`
+# ---------------------------------------------------------------------------------------------------------------------
+
+MAX_FRAMES = 4
+
+
+def without_frames_twin(model: PerceiverResamplerModel) -> PerceiverResamplerModel:
+    """The same Perceiver, weights included, built without a media-time table: the by-hand reference."""
+    twin = make_model(
+        encoder_hidden_size=model.config.encoder_hidden_size,
+        attn_implementation=model.config._attn_implementation,
+        num_latents=model.config.num_latents,
+    )
+    state = {key: value for key, value in model.state_dict().items() if key != "media_time_embeddings"}
+    twin.load_state_dict(state, strict=True)
+    return twin
+
+
+class TestPerceiverBridgeWithFrames(BridgeTesterMixin):
+    """The bridge contract again with a media-time table: it saves, loads and trains like every other parameter (one
+    frame per image here: row 0 is added, and receives the gradient)."""
+
+    model_class = PerceiverResamplerModel
+    hidden_size, encoder_hidden_size = HIDDEN, 48
+    num_features, num_output_tokens = 7, NUM_LATENTS
+    expected_parameters = ("latents", "media_time_embeddings", "input_proj.weight")
+
+    def make_model(self) -> PerceiverResamplerModel:
+        return make_model(encoder_hidden_size=self.encoder_hidden_size, num_frames=MAX_FRAMES)
+
+
+def test_num_frames_none_builds_no_table_and_must_be_positive_when_set():
+    assert make_model().media_time_embeddings is None
+    assert "media_time_embeddings" not in make_model().state_dict()
+    table = make_model(encoder_hidden_size=48, num_frames=MAX_FRAMES).media_time_embeddings
+    assert table.shape == (MAX_FRAMES, 48)  # at the vision width: added before input_proj
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="num_frames must be None"):
+            bridge_config("perceiver", num_frames=bad)
+
+
+def test_media_time_embeddings_are_initialised_unit_normal_and_not_on_load(tmp_path):
+    model = make_model(encoder_hidden_size=48, num_frames=64)
+    table = model.media_time_embeddings
+    assert torch.isfinite(table).all()
+    assert abs(table.std().item() - 1.0) < 0.05 and abs(table.mean().item()) < 0.05  # 64 x 48 unit-normal draws
+
+    with torch.no_grad():
+        table.fill_(0.25)  # not what an initialisation would give
+    model.save_pretrained(tmp_path)
+    loaded = PerceiverResamplerModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.media_time_embeddings, model.media_time_embeddings)
+
+
+def test_an_image_checkpoint_loads_into_a_video_bridge_with_a_fresh_table(tmp_path):
+    """Adding video to a trained image Perceiver: every saved weight is kept, only the new table is initialised."""
+    image_model = make_model(encoder_hidden_size=48)
+    image_model.save_pretrained(tmp_path)
+    video_model = PerceiverResamplerModel.from_pretrained(tmp_path, num_frames=MAX_FRAMES)
+    assert video_model.config.num_frames == MAX_FRAMES
+    table = video_model.media_time_embeddings
+    assert table.shape == (MAX_FRAMES, 48) and torch.isfinite(table).all() and table.std() > 0.5
+    for name, tensor in image_model.state_dict().items():
+        assert torch.equal(video_model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_video_equals_its_frame_embedded_features_flattened_by_hand(attn_implementation):
+    model = make_model(encoder_hidden_size=48, num_frames=MAX_FRAMES, attn_implementation=attn_implementation)
+    twin = without_frames_twin(model)
+    table = model.media_time_embeddings.detach()
+    torch.manual_seed(1)
+    video = torch.randn(2, 3, 5, 48)  # (videos, frames, features per frame, width)
+    by_hand = (video + table[:3, None, :]).reshape(2, 15, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model(video).image_tokens, twin(by_hand).image_tokens, atol=1e-6, rtol=0)
+
+        # A (videos, features) mask applies to every frame; a (videos, frames, features) one frame by frame.
+        mask = padding_mask(2, 5, [5, 3])
+        got = model(video, image_attention_mask=mask).image_tokens
+        expected = twin(by_hand, image_attention_mask=mask.repeat(1, 3)).image_tokens
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        per_frame = mask[:, None, :].repeat(1, 3, 1)
+        torch.testing.assert_close(model(video, image_attention_mask=per_frame).image_tokens, got, atol=0, rtol=0)
+
+        # One frame per row (an image) gets row 0, as OpenFlamingo adds `frame_embs[:1]` to images (F = 1).
+        image = video[:, 0]
+        expected_image = twin(image + table[0]).image_tokens
+        torch.testing.assert_close(model(image).image_tokens, expected_image, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(video[:, :1]).image_tokens, expected_image, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_a_masked_padding_frame_leaves_the_video_as_without_it(attn_implementation):
+    model = make_model(encoder_hidden_size=48, num_frames=MAX_FRAMES, attn_implementation=attn_implementation)
+    torch.manual_seed(2)
+    video = torch.randn(1, 3, 5, 48)
+    padded = torch.cat([video, 1e4 * torch.randn(1, 1, 5, 48)], dim=1)  # (1, 4, 5, 48): frame 3 is padding
+    padded[0, 3, 2] = float("nan")  # garbage, as in an uninitialised frame buffer
+    mask = torch.ones(1, MAX_FRAMES, 5, dtype=torch.long)
+    mask[0, 3] = 0
+    with torch.no_grad():
+        alone = model(video).image_tokens
+        got = model(padded, image_attention_mask=mask).image_tokens
+    torch.testing.assert_close(got, alone, atol=1e-6, rtol=0)
+
+    # In a batch with a longer video, the short one is the same too.
+    longer = torch.randn(1, MAX_FRAMES, 5, 48)
+    batch_mask = torch.cat([mask, torch.ones_like(mask)])
+    with torch.no_grad():
+        batched = model(torch.cat([padded, longer]), image_attention_mask=batch_mask).image_tokens
+    torch.testing.assert_close(batched[:1], alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(batched[1:], model(longer).image_tokens.detach(), atol=1e-6, rtol=0)
+
+
+def test_video_inputs_raise_errors_that_name_the_fix():
+    with pytest.raises(ValueError, match=r"no media-time \(frame\) embeddings: set bridge_config num_frames="):
+        make_model(encoder_hidden_size=48)(torch.randn(2, 3, 5, 48))
+
+    model = make_model(encoder_hidden_size=48, num_frames=MAX_FRAMES)
+    with pytest.raises(
+        ValueError,
+        match=r"video has 5 frames but the Perceiver's media-time table holds num_frames=4: sample at most 4 "
+        r"frames, or build the bridge with num_frames>=5",
+    ):
+        model(torch.randn(2, 5, 3, 48))
+    with pytest.raises(ValueError, match="encoder_hidden_size"):
+        model(torch.randn(2, 3, 5, HIDDEN))
+    for bad_mask in (torch.ones(2, 3), torch.ones(2, 2, 5), torch.ones(2, 15), torch.ones(2, 3, 5, 1)):
+        with pytest.raises(ValueError, match=r"image_attention_mask. must have shape \(batch_size, num_frames"):
+            model(torch.randn(2, 3, 5, 48), image_attention_mask=bad_mask)
+    with pytest.raises(ValueError, match="encoder_hidden_size"):  # neither an image nor a video
+        model(torch.randn(2, 1, 3, 5, 48))
+
+
+def test_video_save_and_load_round_trip_is_bit_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    model = make_model(encoder_hidden_size=48, num_frames=MAX_FRAMES)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(saved["media_time_embeddings"], model.media_time_embeddings)
+    loaded = PerceiverResamplerModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_frames == MAX_FRAMES
+    assert torch.equal(loaded.media_time_embeddings, model.media_time_embeddings)
+    video, mask = torch.randn(2, 3, 5, 48), torch.ones(2, 3, 5)
+    mask[1, 2] = 0
+    with torch.no_grad():
+        assert torch.equal(loaded(video, image_attention_mask=mask).image_tokens, model(video, mask).image_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with OpenFlamingo's PerceiverResampler (frame embeddings included)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_openflamingo_key_map_ignores_other_prefixes_and_rejects_unknown_keys():
+    from vlbridge.conversion.openflamingo_perceiver import openflamingo_perceiver_state_dict
+
+    state = {
+        "perceiver.frame_embs": torch.zeros(4, 8),
+        "perceiver.layers.1.1.3.weight": torch.zeros(8, 32),
+        "lang_encoder.model.embed_tokens.weight": torch.zeros(3, 8),
+    }
+    assert set(openflamingo_perceiver_state_dict(state)) == {"media_time_embeddings", "layers.1.mlp.fc2.weight"}
+    with pytest.raises(ValueError, match="media_time_embs.*resamples each medium on its own"):
+        openflamingo_perceiver_state_dict({**state, "perceiver.media_time_embs": torch.zeros(2, 1, 8)})
+    with pytest.raises(ValueError, match="not OpenFlamingo Perceiver weights.*prefix"):
+        openflamingo_perceiver_state_dict(state, prefix="")
+
+
+@pytest.mark.parametrize("num_frames", [1, 3])
+def test_parity_with_openflamingo_perceiver_resampler(num_frames):
+    from openflamingo_reference import load_openflamingo_helpers
+
+    from vlbridge.conversion.openflamingo_perceiver import openflamingo_perceiver_state_dict
+
+    helpers = load_openflamingo_helpers()  # skips, with the reason, without open_flamingo / einops / einops_exts
+    torch.manual_seed(0)
+    theirs = helpers.PerceiverResampler(
+        dim=HIDDEN, depth=NUM_LAYERS, dim_head=8, heads=4, num_latents=8, max_num_frames=MAX_FRAMES
+    ).eval()
+    # Their LayerNorms start at ones / zeros: randomise them, so that the mapping of every tensor is checked.
+    with torch.no_grad():
+        for module in theirs.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1.0 + 0.5 * torch.randn_like(module.weight))
+                module.bias.copy_(0.5 * torch.randn_like(module.bias))
+
+    # OpenFlamingo's FeedForward is nn.GELU (erf) = our "gelu"; nn.LayerNorm's eps 1e-5 = our default.
+    ours = make_model(num_latents=8, num_frames=MAX_FRAMES, hidden_act="gelu", ff_mult=4, seed=123)
+    converted = openflamingo_perceiver_state_dict(theirs.state_dict(), prefix="")
+    assert converted.keys() == ours.state_dict().keys()
+    ours.load_state_dict(converted, strict=True)
+
+    batch, num_media, num_features = 2, 3, 6
+    features = torch.randn(batch, num_media, num_frames, num_features, HIDDEN)  # (b, T, F, v, D)
+    with torch.no_grad():
+        expected = theirs(features)  # (b, T, n, D)
+        # Each medium is resampled on its own: (b, T) -> rows.
+        got = ours(features.reshape(batch * num_media, num_frames, num_features, HIDDEN)).image_tokens
+        masked = ours(
+            features.reshape(batch * num_media, num_frames, num_features, HIDDEN),
+            image_attention_mask=torch.ones(batch * num_media, num_frames, num_features),
+        ).image_tokens
+    torch.testing.assert_close(got.reshape(expected.shape), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked.reshape(expected.shape), expected, atol=1e-5, rtol=1e-5)
+    if num_frames == 1:  # an image as one row of features takes the same path
+        with torch.no_grad():
+            image = ours(features.reshape(batch * num_media, num_features, HIDDEN)).image_tokens
+        torch.testing.assert_close(image.reshape(expected.shape), expected, atol=1e-5, rtol=1e-5)

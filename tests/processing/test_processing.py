@@ -174,6 +174,8 @@ def test_qformer_outputs_are_text_without_placeholders():
         "input_ids",
         "attention_mask",
         "pixel_values",
+        "pixel_values_videos",
+        "video_num_frames",
         "qformer_input_ids",
         "qformer_attention_mask",
     ]
@@ -199,7 +201,13 @@ def test_a_chat_rendered_by_the_default_template_gives_the_q_former_the_messages
 def test_no_qformer_keys_without_qformer_tokenizer():
     processor = make_processor()
     assert processor.qformer_tokenizer is None
-    assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values"]
+    assert processor.model_input_names == [
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "pixel_values_videos",
+        "video_num_frames",
+    ]
     assert "qformer_input_ids" not in processor(images=make_images(1), text="<image> red")
 
 
@@ -441,8 +449,10 @@ def test_bad_construction_arguments():
         make_processor(num_image_tokens=0)
     with pytest.raises(TypeError):
         BridgeProcessor(siglip_processor(), make_tokenizer(), qformer_tokenizer="not a tokenizer")
-    with pytest.raises(ValueError, match="images and text only"):
+    with pytest.raises(TypeError, match="Could not read `videos`"):
         make_processor()(text="red", videos=[1])
+    with pytest.raises(ValueError, match="got audio"):
+        make_processor()(text="red", audio=[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,12 @@ class PerceiverResamplerConfig(PreTrainedConfig):
             Dropout on attention probabilities.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation.
+        num_frames (`int`, *optional*):
+            Size of the media-time (frame) embedding table, OpenFlamingo's `max_num_frames`: the most frames (or
+            crops) of one video (or multi-crop image) that are resampled together into `num_latents` tokens. Frame
+            `t` gets row `t` of the table added to its features; a single image gets row 0, as in OpenFlamingo.
+            `None` (the default) builds no table, hence no `media_time_embeddings` checkpoint key, and the bridge
+            takes one frame per image; at least 1 when set.
 
     Example:
 
@@ -42,6 +48,9 @@ class PerceiverResamplerConfig(PreTrainedConfig):
     >>> from vlbridge import PerceiverResamplerConfig
     >>> config = PerceiverResamplerConfig(hidden_size=32, num_latents=8, num_hidden_layers=2, head_dim=8)
     >>> config.num_output_tokens(257)
+    8
+    >>> video_config = PerceiverResamplerConfig(hidden_size=32, num_latents=8, head_dim=8, num_frames=16)
+    >>> video_config.num_output_tokens(16 * 257)  # every frame of a video together: still one set of latents
     8
     ```"""
 
@@ -59,6 +68,7 @@ class PerceiverResamplerConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     attention_dropout: float | int = 0.0
     initializer_range: float = 0.02
+    num_frames: int | None = None
 
     def num_output_tokens(self, num_input_tokens: int | None = None) -> int:
         """Tokens produced per image (per tile with any-res): the number of latents."""
@@ -67,15 +77,20 @@ class PerceiverResamplerConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         # Raised here as a plain ValueError at build; `validate_architecture` repeats it when the config is saved.
-        self._check_num_latents()
+        self._check_sizes()
 
     def validate_architecture(self):
         super().validate_architecture()
-        self._check_num_latents()
+        self._check_sizes()
 
-    def _check_num_latents(self) -> None:
+    def _check_sizes(self) -> None:
         if self.num_latents < 1:
             raise ValueError(f"num_latents must be >= 1 (each latent gives one image token), got {self.num_latents}.")
+        if self.num_frames is not None and (isinstance(self.num_frames, bool) or self.num_frames < 1):
+            raise ValueError(
+                f"num_frames must be None (no media-time embeddings) or >= 1 (the most frames per video), got "
+                f"{self.num_frames!r}."
+            )
 
 
 __all__ = ["PerceiverResamplerConfig"]

@@ -8,10 +8,19 @@ LayerNorm. It is the same block as transformers' `IdeficsPerceiverResampler` (Id
 number for number, with three additions: a padding mask over the image features, an input projection when the
 feature width differs from `hidden_size`, and attention through transformers' attention interface (eager / sdpa).
 
+Videos and multi-crop images (`config.num_frames`): as in OpenFlamingo, each frame's features get that frame's row of
+a learned media-time table added (at the vision width, before `input_proj`), then the frames are flattened into one
+sequence of features that one set of latents reads, so a medium of any number of frames still gives `num_latents`
+tokens. OpenFlamingo's second table, `media_time_embs` (over the index of a medium among the media of a sample), is
+not built: each medium is resampled on its own here, and its position among the others is given by where its tokens
+sit in the text.
+
 Checkpoint keys (fixed: LoRA regexes and conversion scripts anchor on them):
 
 ```
 latents                                   (num_latents, hidden_size)
+media_time_embeddings                     (num_frames, encoder_hidden_size), only when num_frames is set;
+                                          OpenFlamingo `frame_embs` (not its `media_time_embs`)
 input_proj.{weight,bias}                  only when encoder_hidden_size != hidden_size
 layers.{i}.image_layernorm                OpenFlamingo `norm_media`,   Idefics `context_layer_norm`
 layers.{i}.latents_layernorm              OpenFlamingo `norm_latents`, Idefics `latents_layer_norm`
@@ -160,6 +169,10 @@ class PerceiverResamplerPreTrainedModel(PreTrainedModel):
             # Unit normal, as OpenFlamingo / BLIP-3 / Idefics (`torch.randn`): the latents are layer-normed before
             # every attention, so only their direction matters there, while the residual stream starts at unit scale.
             init.normal_(module.latents, mean=0.0, std=1.0)
+            if module.media_time_embeddings is not None:
+                # Unit normal too, as OpenFlamingo's `frame_embs` (`torch.randn`): added to features that every
+                # layer layer-norms, so a frame's embedding is a shift on the scale of the features themselves.
+                init.normal_(module.media_time_embeddings, mean=0.0, std=1.0)
 
 
 class PerceiverResamplerModel(PerceiverResamplerPreTrainedModel):
@@ -190,11 +203,29 @@ class PerceiverResamplerModel(PerceiverResamplerPreTrainedModel):
     >>> model(image_embeds, image_attention_mask=image_attention_mask).image_tokens.shape
     torch.Size([2, 8, 32])
 
+    With `num_frames`, a video's frames (or an image's crops) are resampled together, still into `num_latents` tokens:
+
+    >>> video_config = PerceiverResamplerConfig(
+    ...     hidden_size=32, encoder_hidden_size=48, num_latents=8, num_hidden_layers=2, num_attention_heads=4,
+    ...     head_dim=8, num_frames=4,  # at most 4 frames per video
+    ... )
+    >>> video_model = PerceiverResamplerModel(video_config)
+    >>> video_embeds = torch.randn(2, 4, 17, 48)  # (videos, frames, image features per frame, encoder width)
+    >>> frame_mask = torch.ones(2, 4, 17, dtype=torch.long)
+    >>> frame_mask[1, 3] = 0  # the second video has 3 frames, padded to 4
+    >>> video_model(video_embeds, image_attention_mask=frame_mask).image_tokens.shape
+    torch.Size([2, 8, 32])
+
     ```"""
 
     def __init__(self, config: PerceiverResamplerConfig):
         super().__init__(config)
         self.latents = nn.Parameter(torch.empty(config.num_latents, config.hidden_size))
+        # At the vision width, added before `input_proj`, as OpenFlamingo adds `frame_embs` to the raw features.
+        if config.num_frames is not None:
+            self.media_time_embeddings = nn.Parameter(torch.empty(config.num_frames, config.encoder_hidden_size))
+        else:
+            self.media_time_embeddings = None
         # No projection when the widths agree, so a checkpoint carries no identity-like layer that would only drift.
         if config.encoder_hidden_size != config.hidden_size:
             self.input_proj = nn.Linear(config.encoder_hidden_size, config.hidden_size)
@@ -204,6 +235,64 @@ class PerceiverResamplerModel(PerceiverResamplerPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def _embed_frames(
+        self, image_embeds: torch.Tensor, image_attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Cast the features to the bridge's dtype, add the media-time (frame) embeddings when the table exists, and
+        flatten 4-D (video) features and their mask to 3-D / 2-D: `(B, F, P, Dv) -> (B, F * P, Dv)`.
+        """
+        table = self.media_time_embeddings
+        if image_embeds.dim() != 4:
+            # 3-D: one frame, which gets row 0 as an OpenFlamingo image (F = 1) does; other ranks are reported by
+            # `check_image_features`.
+            image_embeds = image_embeds.to(self.latents.dtype)
+            if table is not None and image_embeds.dim() == 3 and image_embeds.shape[-1] == table.shape[-1]:
+                image_embeds = image_embeds + table[0]  # (B, P, Dv)
+            return image_embeds, image_attention_mask
+        self._check_frames(image_embeds, image_attention_mask)
+        batch_size, num_frames, num_features, width = image_embeds.shape
+        if image_attention_mask is not None and image_attention_mask.dim() == 2:
+            image_attention_mask = image_attention_mask[:, None, :].expand(-1, num_frames, -1)  # (B, F, P)
+        image_embeds = image_embeds.to(self.latents.dtype) + table[:num_frames, None, :]  # (B, F, P, Dv)
+        image_embeds = image_embeds.reshape(batch_size, num_frames * num_features, width)  # (B, F * P, Dv)
+        if image_attention_mask is not None:
+            image_attention_mask = image_attention_mask.reshape(batch_size, num_frames * num_features)  # (B, F * P)
+        return image_embeds, image_attention_mask
+
+    def _check_frames(self, image_embeds: torch.Tensor, image_attention_mask: torch.Tensor | None) -> None:
+        """Raise a `ValueError` naming the fix for 4-D (video) features the bridge cannot take."""
+        batch_size, num_frames, num_features, width = image_embeds.shape
+        max_frames = self.config.num_frames
+        if max_frames is None:
+            raise ValueError(
+                f"`image_embeds` of shape {tuple(image_embeds.shape)} hold {num_frames} frames per medium, but this "
+                "Perceiver has no media-time (frame) embeddings: set bridge_config num_frames=<max frames> "
+                "(`PerceiverResamplerConfig(num_frames=...)`), or pass one frame per row, (batch_size, num_features, "
+                f"{self.config.encoder_hidden_size})."
+            )
+        if num_frames > max_frames:
+            raise ValueError(
+                f"The video has {num_frames} frames but the Perceiver's media-time table holds num_frames="
+                f"{max_frames}: sample at most {max_frames} frames, or build the bridge with num_frames>={num_frames}."
+            )
+        if width != self.config.encoder_hidden_size:
+            raise ValueError(
+                f"`image_embeds` must have shape (batch_size, num_frames, num_features, "
+                f"{self.config.encoder_hidden_size}) (the config's `encoder_hidden_size`), got "
+                f"{tuple(image_embeds.shape)}. Set `encoder_hidden_size` to the vision tower's hidden size."
+            )
+        if image_attention_mask is not None and tuple(image_attention_mask.shape) not in (
+            (batch_size, num_features),
+            (batch_size, num_frames, num_features),
+        ):
+            raise ValueError(
+                f"With video features of shape {tuple(image_embeds.shape)}, `image_attention_mask` must have shape "
+                f"(batch_size, num_frames, num_features) = {(batch_size, num_frames, num_features)} (a padded frame "
+                f"is all 0) or (batch_size, num_features) = {(batch_size, num_features)} (the same for every frame), "
+                f"got {tuple(image_attention_mask.shape)}."
+            )
 
     def forward(
         self,
@@ -216,13 +305,21 @@ class PerceiverResamplerModel(PerceiverResamplerPreTrainedModel):
     ) -> BridgeModelOutput | tuple:
         r"""
         Args:
-            image_embeds (`torch.Tensor` of shape `(batch_size, num_features, encoder_hidden_size)`):
-                Image features from the vision tower (one row per image, or per tile with any-res). Cast to the
-                bridge's parameter dtype on entry, so a bf16 tower can feed an fp32 bridge.
-            image_attention_mask (`torch.Tensor` of shape `(batch_size, num_features)`, *optional*):
-                1 for real features, 0 for padding (padded tiles or features). Padding is invisible to the
-                latents: its values never reach the output, even when they are not finite. The latents themselves
-                are always attended to, so a fully masked image still gives finite tokens.
+            image_embeds (`torch.Tensor` of shape `(batch_size, num_features, encoder_hidden_size)`, or `(batch_size,
+                num_frames, num_features, encoder_hidden_size)`):
+                Image features from the vision tower: one row per image (or per tile with any-res), or, with
+                `config.num_frames` set, one row per video (or multi-crop image) of `num_frames` frames (crops),
+                all of which one set of latents reads. Each frame `t` gets `media_time_embeddings[t]` added, a
+                single image `media_time_embeddings[0]` (as in OpenFlamingo); then the frames are flattened to
+                `(batch_size, num_frames * num_features, encoder_hidden_size)`. Cast to the bridge's parameter dtype
+                on entry, so a bf16 tower can feed an fp32 bridge.
+            image_attention_mask (`torch.Tensor` of shape `(batch_size, num_features)` or `(batch_size, num_frames,
+                num_features)`, *optional*):
+                1 for real features, 0 for padding (padded tiles, frames or features). Padding is invisible to the
+                latents: its values never reach the output, even when they are not finite, so a video padded with
+                masked frames gives the tokens of the same video without them. The latents themselves are always
+                attended to, so a fully masked image still gives finite tokens. With 4-D `image_embeds`, a
+                `(batch_size, num_features)` mask applies to every frame.
             output_attentions (`bool`, *optional*):
                 Return each layer's attention weights, `(batch_size, num_heads, num_latents, num_features +
                 num_latents)`. Needs `attn_implementation="eager"`; other implementations return `None` per layer.
@@ -245,10 +342,9 @@ class PerceiverResamplerModel(PerceiverResamplerPreTrainedModel):
                 f"`output_attentions=True` needs `attn_implementation='eager'`; with "
                 f"'{self.config._attn_implementation}' the attention weights come back as `None`."
             )
-        check_image_features(image_embeds, image_attention_mask, self.config.encoder_hidden_size)
-
         # The bridge stays in its own (fp32) dtype even when the vision tower runs in bf16 / fp16.
-        image_embeds = image_embeds.to(self.latents.dtype)  # (B, P, Dv)
+        image_embeds, image_attention_mask = self._embed_frames(image_embeds, image_attention_mask)  # (B, P, Dv)
+        check_image_features(image_embeds, image_attention_mask, self.config.encoder_hidden_size)
         batch_size = image_embeds.shape[0]
         latents = self.latents.unsqueeze(0).expand(batch_size, -1, -1)  # (B, N, D)
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
@@ -24,6 +25,7 @@ from transformers.utils import cached_file, logging
 
 from ..configuration.remote_code import add_auto_map_entries, write_remote_code_shim
 from .image_utils import to_rgb_image
+from .video_utils import pad_frames, split_videos
 
 
 try:  # Placeholders that `mark_control_tokens` escaped in user input are text, not images (transformers >= 5.2x).
@@ -80,6 +82,14 @@ def default_chat_template(image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
     return "{%- set image_token = " + json.dumps(image_token) + " -%}" + _CHAT_TEMPLATE_BODY
 
 
+def _retype(replacement_offsets: list[list[dict]], kind: str) -> list[list[dict]]:
+    """`text_replacement_offsets` typed by what the placeholders stood for: transformers types every match of
+    `image_token` as `"image"`, and videos share that token."""
+    if kind == "image":
+        return replacement_offsets
+    return [[{**entry, "type": kind} for entry in sample] for sample in replacement_offsets]
+
+
 class _SubProcessorNames:
     """`ProcessorMixin.get_attributes`, made aware of the optional Q-Former tokenizer.
 
@@ -111,6 +121,13 @@ class BridgeProcessor(ProcessorMixin):
     and `get_number_of_image_patches`), `pixel_values` are `(total_images, max_tiles, channels, height, width)`, the
     output also holds `image_sizes`, and each image's placeholder is expanded into its own count: its tiles (base view
     included) x `num_image_tokens`, which the model derives the same way from `image_sizes`.
+
+    Videos: `videos=` takes videos in place of images, one kind per call. Each video (a list of frames, or a
+    `(num_frames, height, width, channels)` array) stands for one `image_token` in the text, expanded like an image
+    into `num_image_tokens` tokens: a Perceiver bridge with `num_frames` resamples all its frames into that many
+    tokens. Its frames go through `image_processor` like images into `pixel_values_videos`, `(num_videos,
+    max_frames, channels, height, width)` with all-zero padding frames, and `video_num_frames` gives each video's
+    real frame count.
 
     Padding follows `padding_side=` when passed, else the tokenizer's `padding_side` (use left padding for batched
     generation with a decoder-only language model). Text that already starts with the tokenizer's BOS, as the default
@@ -295,6 +312,8 @@ class BridgeProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         names = [name for name in self.tokenizer.model_input_names if name != "token_type_ids"]
         names += [name for name in self.image_processor.model_input_names if name not in names]
+        # Video frames go through the same image processor; these are the keys they come back under.
+        names += ["pixel_values_videos", "video_num_frames"]
         if self.qformer_tokenizer is not None:
             names += ["qformer_input_ids", "qformer_attention_mask"]
         return names
@@ -347,7 +366,7 @@ class BridgeProcessor(ProcessorMixin):
         **kwargs: Unpack[ProcessingKwargs],
     ) -> BatchFeature:
         """
-        Process images and text for the model.
+        Process images or videos, and text, for the model.
 
         Args:
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, or a (nested) list of them, *optional*):
@@ -355,23 +374,37 @@ class BridgeProcessor(ProcessorMixin):
                 turned into 8-bit RGB by [`~image_utils.to_rgb_image`] first, so 16-bit, 32-bit integer and float
                 (in [0, 1]) images are rescaled rather than clipped (arrays are kept as given with `do_rescale=False`).
             text (`str` or `list[str]`, *optional*):
-                The text, with one `image_token` where each image goes.
+                The text, with one `image_token` where each image (or video) goes.
+            videos (`list`, *optional*):
+                The videos, instead of images: one, a flat list matched to the placeholders in order, or one list
+                per text. A video is a list of frames (PIL images, `(height, width, channels)` arrays or tensors) or
+                one `(num_frames, height, width, channels)` array or tensor, already decoded and sampled. Frames are
+                handled exactly as images. Not with an any-res image processor.
             kwargs:
                 Tokenizer arguments (`padding`, `padding_side`, `truncation`, `max_length`, `add_special_tokens`,
-                `return_offsets_mapping`, ...), image processor arguments, and `return_tensors`.
+                `return_offsets_mapping`, ...), image processor arguments (also applied to video frames), and
+                `return_tensors`.
 
         Returns:
             [`BatchFeature`]: `input_ids`, `attention_mask` (with text), `pixel_values` (with images),
-            `qformer_input_ids` and `qformer_attention_mask` (with text and a Q-Former tokenizer), plus whatever
-            extra the tokenizer was asked for (`offset_mapping`, ...), `text_replacement_offsets` and
-            `mm_token_type_ids` when requested.
+            `pixel_values_videos` and `video_num_frames` (with videos: `(num_videos, max_frames, channels, height,
+            width)` floats with all-zero padding frames, and each video's frame count), `qformer_input_ids` and
+            `qformer_attention_mask` (with text and a Q-Former tokenizer), plus whatever extra the tokenizer was asked
+            for (`offset_mapping`, ...), `text_replacement_offsets` and `mm_token_type_ids` when requested (video
+            placeholders are typed `"video"` / 2 there, as in transformers).
         """
-        if videos is not None or audio is not None:
-            raise ValueError(f"{type(self).__name__} takes images and text only; got videos or audio.")
+        if audio is not None:
+            raise ValueError(f"{type(self).__name__} takes images or videos, and text; got audio.")
         if getattr(self, "_chat_images", None) is not None:
             images = self._chat_images  # handed over by `apply_chat_template` (see `_apply_chat_template_with_images`)
-        if images is None and text is None:
-            raise ValueError(f"Pass `images`, `text` or both to {type(self).__name__}.")
+        if images is not None and videos is not None:
+            raise ValueError(
+                "Got both `images` and `videos`: one call takes images or videos, one kind per batch: the model reads "
+                f"every {self.image_token!r} of a batch as the same kind. Process image samples and video samples "
+                "in separate calls (separate batches), or pass a still image as a video of one frame."
+            )
+        if images is None and videos is None and text is None:
+            raise ValueError(f"Pass `images` or `videos`, `text`, or both to {type(self).__name__}.")
         text = self._as_list_of_strings(text)
         passed = {**kwargs, **kwargs.get("text_kwargs", {})}
         if text and "add_special_tokens" not in passed and self._starts_with_bos(text):
@@ -388,31 +421,68 @@ class BridgeProcessor(ProcessorMixin):
         )
 
         data: dict[str, Any] = {}
-        flat_images, images_per_sample = self._split_images(images, text)
-        if flat_images:
-            # 16-bit and float images are rescaled to 8 bits here: the image processor's own RGB conversion clips
-            # them. With rescaling turned off the caller's arrays are already on the scale they want: kept as given.
-            rescale = merged["images_kwargs"].get("do_rescale", getattr(self.image_processor, "do_rescale", True))
-            flat_images = [
-                to_rgb_image(image) if rescale is not False or isinstance(image, Image.Image) else image
-                for image in flat_images
-            ]
-            data.update(self.image_processor(flat_images, **merged["images_kwargs"]))
+        kind = "video" if videos is not None else "image"
+        if videos is not None:
+            flat_media, media_per_sample = split_videos(videos, None if text is None else len(text))
+            if flat_media:
+                data.update(self._video_inputs(flat_media, merged["images_kwargs"], return_tensors))
+        else:
+            flat_media, media_per_sample = self._split_images(images, text)
+            if flat_media:
+                data.update(
+                    self.image_processor(self._to_rgb(flat_media, merged["images_kwargs"]), **merged["images_kwargs"])
+                )
         if text is not None:
-            placeholders = self._check_placeholders(text, len(flat_images), images_per_sample)
-            tokens = self._image_token_counts(data, len(flat_images), merged["images_kwargs"])
+            placeholders = self._check_placeholders(text, len(flat_media), media_per_sample, kind)
+            tokens = self._image_token_counts(data, len(flat_media), merged["images_kwargs"])
             replacements = [self.image_token * count for count in tokens]
             expanded, replacement_offsets = self.get_text_with_replacements(list(text), replacements)
             text_inputs = self.tokenizer(expanded, **text_kwargs)
             self._check_image_tokens_kept(expanded, text_inputs["input_ids"], placeholders, text_kwargs, tokens)
             data.update(text_inputs)
             if return_replacement_offsets:
-                data["text_replacement_offsets"] = replacement_offsets
+                data["text_replacement_offsets"] = _retype(replacement_offsets, kind)
             if return_mm_token_type_ids:
-                data["mm_token_type_ids"] = self.create_mm_token_type_ids(text_inputs["input_ids"])
+                type_ids = self.create_mm_token_type_ids(text_inputs["input_ids"])
+                # The placeholder id is shared; a video call's placeholders are all videos (transformers' type 2).
+                data["mm_token_type_ids"] = type_ids if kind == "image" else [[2 * t for t in row] for row in type_ids]
             if self.qformer_tokenizer is not None:
                 data.update(self._qformer_inputs(text, text_kwargs))
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _to_rgb(self, images: list, images_kwargs: dict) -> list:
+        """Images (or video frames) as 8-bit RGB, through [`~image_utils.to_rgb_image`]."""
+        # 16-bit and float images are rescaled to 8 bits here: the image processor's own RGB conversion clips
+        # them. With rescaling turned off the caller's arrays are already on the scale they want: kept as given.
+        rescale = images_kwargs.get("do_rescale", getattr(self.image_processor, "do_rescale", True))
+        return [
+            to_rgb_image(image) if rescale is not False or isinstance(image, Image.Image) else image
+            for image in images
+        ]
+
+    def _video_inputs(self, videos: list[list], images_kwargs: dict, return_tensors: str | None) -> dict[str, Any]:
+        """`pixel_values_videos` `(num_videos, max_frames, C, H, W)`, zero-padded, and `video_num_frames`."""
+        if self.is_anyres:
+            raise ValueError(
+                f"Videos need an image processor that gives every frame the same {self.num_image_tokens} tokens, but "
+                f"{type(self.image_processor).__name__} tiles images (any-res), which has no meaning for video "
+                "frames: build the processor with the vision tower's plain image processor (e.g. "
+                "`CLIPImageProcessor`, `SiglipImageProcessor`) for videos."
+            )
+        num_frames = [len(video) for video in videos]
+        frames = self._to_rgb([frame for video in videos for frame in video], images_kwargs)
+        # NumPy here, whatever was asked for: the frames are split and padded before the final conversion.
+        processed = self.image_processor(frames, **{**images_kwargs, "return_tensors": "np"})
+        extra = sorted(set(processed) - {"pixel_values"})
+        if extra:
+            raise ValueError(
+                f"{type(self.image_processor).__name__} returns {extra} besides `pixel_values`, which videos do not "
+                "carry: use an image processor that returns `pixel_values` only for videos."
+            )
+        padded = pad_frames(np.asarray(processed["pixel_values"]), num_frames)  # (V, F_max, C, H, W)
+        # Without `return_tensors`, one array per video, as images come back one array per image.
+        pixel_values_videos = list(padded) if return_tensors is None else padded
+        return {"pixel_values_videos": pixel_values_videos, "video_num_frames": num_frames}
 
     # ----------------------------------------------------------------------------------------------------------------
     # Input checks
@@ -457,36 +527,39 @@ class BridgeProcessor(ProcessorMixin):
         runs = re.finditer(f"(?:{_UNMARKED}{token}\\s*)+", sample)
         return max((len(re.findall(token, run.group())) for run in runs), default=0)
 
-    def _check_placeholders(self, text: list[str], num_images: int, images_per_sample: list[int] | None) -> list[int]:
-        """Check that each image has one placeholder; return the placeholders per sample."""
+    def _check_placeholders(
+        self, text: list[str], num_images: int, images_per_sample: list[int] | None, kind: str = "image"
+    ) -> list[int]:
+        """Check that each image (each video, for `kind="video"`) has one placeholder; return the placeholders per
+        sample."""
         placeholders = [self._count_placeholders(sample) for sample in text]
         if images_per_sample is not None:
             for i, (found, given) in enumerate(zip(placeholders, images_per_sample)):
                 if found != given:
-                    raise ValueError(self._placeholder_error(f"sample {i}", [text[i]], found, given))
+                    raise ValueError(self._placeholder_error(f"sample {i}", [text[i]], found, given, kind))
         elif sum(placeholders) != num_images:
             subject = f"the text (per sample: {placeholders})" if len(text) > 1 else "the text"
-            raise ValueError(self._placeholder_error(subject, text, sum(placeholders), num_images))
+            raise ValueError(self._placeholder_error(subject, text, sum(placeholders), num_images, kind))
         return placeholders
 
-    def _placeholder_error(self, subject: str, samples: list[str], found: int, given: int) -> str:
+    def _placeholder_error(self, subject: str, samples: list[str], found: int, given: int, kind: str = "image") -> str:
         token = self.image_token
         run = max(self._longest_placeholder_run(sample) for sample in samples)
         if self.num_image_tokens > 1 and run >= self.num_image_tokens:
             return (
-                f"Found {found} {token!r} in {subject}, {run} of them in a row, but {given} image(s) for it: the text "
-                f"looks already expanded. Pass one {token!r} per image; the processor expands each into the "
+                f"Found {found} {token!r} in {subject}, {run} of them in a row, but {given} {kind}(s) for it: the "
+                f"text looks already expanded. Pass one {token!r} per {kind}; the processor expands each into the "
                 f"{self.num_image_tokens} tokens the bridge outputs."
             )
         if given == 0:
             return (
-                f"Found {found} {token!r} placeholder(s) in {subject} but no images for it: pass `images` (one per "
+                f"Found {found} {token!r} placeholder(s) in {subject} but no {kind}s for it: pass `{kind}s` (one per "
                 f"placeholder), or remove the {token!r} placeholders from the text."
             )
         return (
-            f"Found {found} {token!r} placeholder(s) in {subject} but {given} image(s) for it. Put exactly one "
-            f"{token!r} in the text where each image goes (with chat messages, one {{'type': 'image'}} entry per "
-            "image), or pass as many images as placeholders."
+            f"Found {found} {token!r} placeholder(s) in {subject} but {given} {kind}(s) for it. Put exactly one "
+            f"{token!r} in the text where each {kind} goes (with chat messages, one {{'type': 'image'}} entry per "
+            f"{kind}), or pass as many {kind}s as placeholders."
         )
 
     def _check_image_tokens_kept(
