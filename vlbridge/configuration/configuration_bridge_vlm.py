@@ -69,6 +69,13 @@ class BridgeVLMConfig(PreTrainedConfig):
         vision_feature_layer (`int`, *optional*):
             Hidden state of the vision tower fed to the bridge: `None` takes its `last_hidden_state` (BLIP-2), an
             integer indexes `hidden_states` (LLaVA uses -2), from `-(num_hidden_layers + 1)` to `num_hidden_layers`.
+        vision_feature_select (`str`, *optional*, defaults to `"full"`):
+            Which of the tower's tokens the bridge reads: `"full"` all of them, `"patches"` all but the
+            `vision_num_prefix_tokens` CLS-like tokens (OpenFlamingo reads open_clip's patch tokens).
+        vision_feature_post_layernorm (`bool`, *optional*, defaults to `False`):
+            Apply the tower's final layer norm (CLIP / SigLIP `vision_model.post_layernorm`, which transformers
+            applies to the pooled token only) to every token first: open_clip's `ln_post` does so, and OpenFlamingo's
+            features are those tokens.
         vision_num_prefix_tokens (`int`, *optional*):
             CLS-like tokens the vision tower puts before its patches; filled in for known towers.
         use_qformer_text_input (`bool`, *optional*, defaults to `False`):
@@ -146,6 +153,8 @@ class BridgeVLMConfig(PreTrainedConfig):
     image_token_id: int | None = None
     vision_feature_layer: int | None = None
     vision_num_prefix_tokens: int | None = None
+    vision_feature_select: str = "full"
+    vision_feature_post_layernorm: bool = False
     use_qformer_text_input: bool = False
     num_image_tokens: int | None = None
     image_grid_pinpoints: list[list[int]] | None = None
@@ -181,6 +190,7 @@ class BridgeVLMConfig(PreTrainedConfig):
                 f"(use_text_input=True) reads the instruction; this bridge is '{self.bridge_config.model_type}' "
                 "(set bridge_config={'model_type': 'vlbridge_qformer', ...}, or use_qformer_text_input=False)."
             )
+        self._check_feature_select()
         if getattr(self.bridge_config, "drop_cls_token", False) and self.vision_num_prefix_tokens == 0:
             raise ValueError(
                 f"The MLP projector drops a CLS token, but vision tower '{self.vision_config.model_type}' has none: "
@@ -204,6 +214,21 @@ class BridgeVLMConfig(PreTrainedConfig):
         check_vision_feature_layer(self.vision_feature_layer, self.vision_config)
         if not self.use_language_projection and not self.uses_cross_attention:
             self._check_bridge_width()
+
+    def _check_feature_select(self) -> None:
+        if self.vision_feature_select not in ("full", "patches"):
+            raise ValueError(f"vision_feature_select={self.vision_feature_select!r} is not one of ('full', 'patches').")
+        if self.vision_feature_select == "patches":
+            if self.vision_num_prefix_tokens is None:
+                raise ValueError(
+                    f"vision_feature_select='patches' drops the CLS-like tokens of vision tower "
+                    f"'{self.vision_config.model_type}', whose count is unknown: pass vision_num_prefix_tokens."
+                )
+            if getattr(self.bridge_config, "drop_cls_token", False):
+                raise ValueError(
+                    "vision_feature_select='patches' already drops the CLS token: set the MLP projector's "
+                    "drop_cls_token=False (or keep vision_feature_select='full')."
+                )
 
     @property
     def uses_cross_attention(self) -> bool:
@@ -329,7 +354,8 @@ class BridgeVLMConfig(PreTrainedConfig):
                 )
             return None
         (height, width), (patch_h, patch_w) = _as_pair(image_size), _as_pair(patch_size)
-        return (height // patch_h) * (width // patch_w) + self.vision_num_prefix_tokens
+        prefix = 0 if self.vision_feature_select == "patches" else self.vision_num_prefix_tokens
+        return (height // patch_h) * (width // patch_w) + prefix
 
 
 __all__ = ["IMAGE_FUSIONS", "BridgeVLMConfig"]

@@ -194,8 +194,23 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
         return self.language_model.get_encoder()
 
     def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Runs the vision tower; (num_images, C, H, W) -> (num_images, P, Dv)."""
-        return vision_tower_features(self.vision_tower, pixel_values, self.config.vision_feature_layer)
+        """Runs the vision tower; (num_images, C, H, W) -> (num_images, P, Dv), with the configured selection."""
+        features = vision_tower_features(self.vision_tower, pixel_values, self.config.vision_feature_layer)
+        if self.config.vision_feature_post_layernorm:
+            features = self._tower_post_layernorm()(features)  # open_clip's ln_post on every token
+        if self.config.vision_feature_select == "patches":
+            features = features[:, self.config.vision_num_prefix_tokens :]  # (num_images, P - prefix, Dv)
+        return features
+
+    def _tower_post_layernorm(self) -> nn.Module:
+        tower = self.vision_tower
+        layernorm = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
+        if layernorm is None:
+            raise ValueError(
+                f"vision_feature_post_layernorm=True applies the vision tower's `post_layernorm`, which "
+                f"{type(tower).__name__} does not have: set vision_feature_post_layernorm=False."
+            )
+        return layernorm
 
     def get_image_features(
         self,
