@@ -217,7 +217,9 @@ class BridgeVLMConfig(PreTrainedConfig):
 
     def _check_feature_select(self) -> None:
         if self.vision_feature_select not in ("full", "patches"):
-            raise ValueError(f"vision_feature_select={self.vision_feature_select!r} is not one of ('full', 'patches').")
+            raise ValueError(
+                f"vision_feature_select={self.vision_feature_select!r} is not one of ('full', 'patches')."
+            )
         if self.vision_feature_select == "patches":
             if self.vision_num_prefix_tokens is None:
                 raise ValueError(

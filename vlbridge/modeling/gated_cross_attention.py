@@ -353,9 +353,11 @@ class CrossAttentionFusionMixin:
         qformer_attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         cache=None,
+        bridge_tokens: torch.FloatTensor | None = None,
     ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
         """
-        Embeds the text (the `<image>` markers keep their own embedding) and makes the gated blocks read the images.
+        Embeds the text (the `<image>` markers keep their own embedding) and makes the gated blocks read the images
+        (or `bridge_tokens` `(num_media, N, Db)`, videos already through the bridge).
 
         Returns:
             `(inputs_embeds, image_tokens)`: `(B, T, embed_dim)` and the bridge's tokens `(num_images, N, Db)`
@@ -365,8 +367,9 @@ class CrossAttentionFusionMixin:
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, Dt)
-        markers = self._placeholder_mask(input_ids, inputs_embeds, pixel_values is not None)  # (B, T)
-        image_tokens, media = None, None
+        has_media = pixel_values is not None or bridge_tokens is not None
+        markers = self._placeholder_mask(input_ids, inputs_embeds, has_media)  # (B, T)
+        image_tokens, media = bridge_tokens, None
         if pixel_values is not None:
             pixel_values = check_pixel_values(pixel_values, check_finite=False)  # (num_images, C, H, W)
             qformer_input_ids, qformer_attention_mask = self._per_image_qformer_inputs(
@@ -375,6 +378,7 @@ class CrossAttentionFusionMixin:
             image_tokens = self._bridge_outputs(
                 pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes
             ).image_tokens  # (num_images, N, Db)
+        if image_tokens is not None:
             counts = markers.sum(-1)  # (B,)
             if int(counts.sum()) != image_tokens.shape[0]:
                 raise ValueError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .anyres import AnyResTiles, expand_images_for_generation, images_per_sample
+from .video import video_bridge_tokens
 
 
 # Keyword arguments that carry images; they are consumed when the prompt is encoded and never re-sent while decoding.
@@ -15,6 +16,8 @@ IMAGE_INPUT_KEYS = (
     "image_attention_mask",
     "qformer_input_ids",
     "qformer_attention_mask",
+    "pixel_values_videos",
+    "video_num_frames",
 )
 
 
@@ -44,15 +47,16 @@ class BridgeGenerationMixin:
         # Beam search / num_return_sequences repeat each sample; its images must follow it as a group (the generic
         # per-row repeat_interleave would give a two-image sample's copies the images [a, a] and [b, b]).
         pixel_values = model_kwargs.get("pixel_values")
-        if expand_size == 1 or pixel_values is None or input_ids is None:
+        media = pixel_values if pixel_values is not None else model_kwargs.get("pixel_values_videos")
+        if expand_size == 1 or media is None or input_ids is None:
             return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
-        num_images, per_tile = pixel_values.shape[0], self.config.num_image_tokens
+        num_images, per_tile = media.shape[0], self.config.num_image_tokens
         per_image = {
             key: model_kwargs.pop(key)
             for key in IMAGE_INPUT_KEYS
             if isinstance(model_kwargs.get(key), torch.Tensor) and model_kwargs[key].shape[0] == num_images
         }
-        if pixel_values.dim() == 5:
+        if pixel_values is not None and pixel_values.dim() == 5:  # any-res tiles (a video is one medium)
             tiles = AnyResTiles.from_inputs(self.config, pixel_values, per_image.get("image_sizes"))
             tokens_per_image = [count * per_tile for count in tiles.num_tiles]
         else:
@@ -69,6 +73,9 @@ class BridgeGenerationMixin:
     ):
         # Encoder-decoder LM: the images must be in the encoder's input embeddings before the encoder runs once.
         image_kwargs = {key: model_kwargs.pop(key, None) for key in IMAGE_INPUT_KEYS}
+        videos, num_frames = image_kwargs.pop("pixel_values_videos"), image_kwargs.pop("video_num_frames")
+        if videos is not None:
+            image_kwargs["bridge_tokens"] = video_bridge_tokens(self.model, videos, num_frames)  # (V, N, Db)
         input_ids = inputs_tensor if model_input_name == "input_ids" else None
         inputs_embeds = inputs_tensor if model_input_name == "inputs_embeds" else None
         inputs_embeds, _ = self.model.merge_image_tokens(input_ids, inputs_embeds, **image_kwargs)

@@ -37,10 +37,10 @@ from .language_projection import build_language_projection, project_image_tokens
 from .outputs import BridgeModelOutput
 from .qformer_features import BridgeFeaturesMixin
 from .saving import SelfDescribingMixin, push_to_hub_with_processor
+from .video import video_bridge_tokens
 
 
 logger = logging.get_logger(__name__)
-
 
 
 @dataclass
@@ -347,9 +347,11 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        bridge_tokens: torch.FloatTensor | None = None,
     ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
         """
-        Embeds `input_ids` and scatters the image tokens into the `<image>` placeholder positions.
+        Embeds `input_ids` and scatters the image tokens into the `<image>` placeholder positions. `bridge_tokens`
+        `(num_media, N, Db)` (videos, see `video.py`) stand for `pixel_values` when given.
 
         Returns:
             `(inputs_embeds, image_features)`: `(batch_size, sequence_length, embed_dim)` and
@@ -359,23 +361,29 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, Dt)
-        placeholder_mask = self._placeholder_mask(input_ids, inputs_embeds, pixel_values is not None)  # (B, T)
-        if pixel_values is None:
+        has_media = pixel_values is not None or bridge_tokens is not None
+        placeholder_mask = self._placeholder_mask(input_ids, inputs_embeds, has_media)  # (B, T)
+        if not has_media:
             if placeholder_mask.any():
                 raise ValueError(
                     f"input_ids hold {int(placeholder_mask.sum())} image tokens but no pixel_values were given: "
                     "pass the images to the processor together with the text."
                 )
             return inputs_embeds, None
-        # A list is stacked before `.dim()` below; NaN / inf are looked for in `_image_features`, on real tiles only.
-        pixel_values = check_pixel_values(pixel_values, check_finite=False)  # (num_images, C, H, W) or 5-D any-res
-        anyres_images = pixel_values.shape[0] if pixel_values.dim() == 5 else None
-        qformer_input_ids, qformer_attention_mask = self._per_image_qformer_inputs(
-            input_ids, qformer_input_ids, qformer_attention_mask, anyres_images
-        )
-        image_features = self._image_features(
-            pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes=image_sizes
-        )
+        anyres_images = None
+        if bridge_tokens is not None:  # videos, already through the bridge
+            text_dtype = self.get_input_embeddings().weight.dtype
+            image_features = project_image_tokens(self.language_projection, bridge_tokens, text_dtype)
+        else:
+            # A list is stacked before `.dim()` below; NaN / inf are looked for in `_image_features`, on real tiles.
+            pixel_values = check_pixel_values(pixel_values, check_finite=False)  # (num_images, C, H, W) or 5-D
+            anyres_images = pixel_values.shape[0] if pixel_values.dim() == 5 else None
+            qformer_input_ids, qformer_attention_mask = self._per_image_qformer_inputs(
+                input_ids, qformer_input_ids, qformer_attention_mask, anyres_images
+            )
+            image_features = self._image_features(
+                pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes=image_sizes
+            )
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         num_tokens, num_features = int(placeholder_mask.sum()), image_features.shape[0] * image_features.shape[1]
         if num_tokens != num_features:
@@ -447,6 +455,8 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        video_num_frames: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
@@ -465,6 +475,11 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
                 included). Any-res: `(num_images, max_tiles, num_channels, height, width)`, with `image_sizes`.
             image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
                 Any-res only: each image's original `(height, width)` (see [`BridgeAnyResImageProcessor`]).
+            pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, max_frames, C, H, W)`, *optional*):
+                Videos (or multi-crop images), each standing where one `<image>` is, instead of `pixel_values`; needs
+                a Perceiver bridge with `num_frames`, which resamples each video's frames into `num_latents` tokens.
+            video_num_frames (`torch.LongTensor` of shape `(num_videos,)`, *optional*):
+                Each video's real frames (the rest is padding, never encoded); all `max_frames` when not given.
             qformer_input_ids, qformer_attention_mask (*optional*):
                 InstructBLIP mode only: the instruction tokenized for the Q-Former, one row per sample or per image.
             decoder_input_ids, decoder_attention_mask, encoder_outputs (*optional*):
@@ -474,6 +489,14 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
         """
         image_features = None
         self._check_sequence_length(input_ids, inputs_embeds, encoder_outputs, kwargs.get(CACHE_KEY))
+        video_tokens = None
+        if pixel_values_videos is not None:
+            if pixel_values is not None:
+                raise ValueError(
+                    "Pass pixel_values or pixel_values_videos, not both: one batch takes images or videos (each "
+                    "video stands where its <image> is)."
+                )
+            video_tokens = video_bridge_tokens(self, pixel_values_videos, video_num_frames)  # (V, N, Db)
         if self.gated_cross_attention is not None:
             inputs_embeds, image_features = self.prepare_cross_attention(
                 input_ids,
@@ -484,6 +507,7 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
                 qformer_attention_mask,
                 image_sizes,
                 cache=kwargs.get(CACHE_KEY),
+                bridge_tokens=video_tokens,
             )
         elif encoder_outputs is None or not self.config.is_encoder_decoder:
             if input_ids is not None or inputs_embeds is not None:
@@ -495,6 +519,7 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
                     qformer_input_ids,
                     qformer_attention_mask,
                     image_sizes,
+                    bridge_tokens=video_tokens,
                 )
         lm_kwargs = dict(
             attention_mask=attention_mask,
@@ -685,6 +710,8 @@ class BridgeVLMForConditionalGeneration(
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        video_num_frames: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         **kwargs,
@@ -713,6 +740,8 @@ class BridgeVLMForConditionalGeneration(
             qformer_input_ids=qformer_input_ids,
             qformer_attention_mask=qformer_attention_mask,
             image_sizes=image_sizes,
+            pixel_values_videos=pixel_values_videos,
+            video_num_frames=video_num_frames,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -748,7 +777,6 @@ class BridgeVLMForConditionalGeneration(
         shifted[:, 1:] = labels[:, :-1]
         pad = text_config.pad_token_id if text_config.pad_token_id is not None else 0
         return shifted.masked_fill(shifted == -100, pad)
-
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
