@@ -44,7 +44,7 @@ CARD_TEMPLATE = """---
 # {title}
 
 A vision-language model built with [vlbridge](https://pypi.org/project/vlbridge/): a `{vision}` vision tower
-linked to a `{text}` language model by a **{bridge}** bridge ({num_image_tokens} image tokens per image).
+linked to a `{text}` language model by a **{bridge}** bridge ({fusion}).
 
 | part | type | parameters |
 | --- | --- | --- |
@@ -91,6 +91,7 @@ def build_model_card(model, repo_id: str, details: str = "", tags: list[str] | N
         ("vision tower", config.vision_config.model_type, base.vision_tower),
         ("bridge", config.bridge_config.model_type, base.bridge),
         ("language projection", "linear", getattr(base, "language_projection", None)),
+        ("gated cross-attention", "tanh-gated blocks", getattr(base, "gated_cross_attention", None)),
         ("language model", config.text_config.model_type, base.language_model),
     ]
     parts = [part for part in parts if part[2] is not None]  # no projection row with use_language_projection=False
@@ -106,7 +107,7 @@ def build_model_card(model, repo_id: str, details: str = "", tags: list[str] | N
         vision=config.vision_config.model_type,
         text=config.text_config.model_type,
         bridge=BRIDGE_NAMES.get(config.bridge_config.model_type, config.bridge_config.model_type),
-        num_image_tokens=config.num_image_tokens,
+        fusion=_fusion_phrase(config),
         parts=rows,
         details=f"{details}\n" if details else "",
         repo_id=repo_id,
@@ -318,10 +319,12 @@ def _architecture(config: dict | None, adapter: dict | None) -> str:
     vision = config.get("vision_config", {}).get("model_type")
     if model_type == "vlbridge":
         bridge = config["bridge_config"]["model_type"]
+        fusion = f"{config.get('num_image_tokens')} image tokens per image"
+        if config.get("image_fusion") == "gated_cross_attention":
+            fusion = "read by gated cross-attention beside the language model, as Flamingo"
         return (
             f"A vision-language model: a `{vision}` vision tower linked to a `{config['text_config']['model_type']}` "
-            f"language model by a **{BRIDGE_NAMES.get(bridge, bridge)}** bridge "
-            f"({config.get('num_image_tokens')} image tokens per image)."
+            f"language model by a **{BRIDGE_NAMES.get(bridge, bridge)}** bridge ({fusion})."
         )
     if model_type == "vlbridge_qformer_pretraining":
         queries = config.get("qformer_config", {}).get("num_query_tokens")
@@ -357,6 +360,16 @@ def _architecture(config: dict | None, adapter: dict | None) -> str:
     return f"A `{model_type}` model."
 
 
+def _fusion_phrase(config) -> str:
+    """How the images reach the language model, for the card's first sentence."""
+    if getattr(config, "uses_cross_attention", False):
+        return (
+            f"{config.num_media_tokens} image tokens per image, read by gated cross-attention before every "
+            f"{config.cross_attention_every_n_layers} decoder layer(s), as Flamingo"
+        )
+    return f"{config.num_image_tokens} image tokens per image"
+
+
 def _parameter_rows(folder: Path) -> str:
     """`| part | parameters |` rows from the safetensors headers (no weights are read), parts by top-level name."""
     from safetensors import safe_open
@@ -377,6 +390,7 @@ def _parameter_rows(folder: Path) -> str:
         "text_decoder",
         "bridge",
         "language_projection",
+        "gated_cross_attention",
         "language_model",
         "lm_head",
     )
