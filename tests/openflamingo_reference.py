@@ -50,4 +50,33 @@ def load_openflamingo_helpers() -> ModuleType:
     return module
 
 
-__all__ = ["load_openflamingo_helpers"]
+_PACKAGE_NAME = "_openflamingo_reference_src"
+
+
+def load_openflamingo_package() -> ModuleType:
+    """
+    OpenFlamingo's `open_flamingo.src` package with the modules that build a Flamingo model around any transformers
+    language model: `flamingo` (`Flamingo`), `flamingo_lm` (`FlamingoLMMixin`), `utils` (`extend_instance`) and
+    `helpers`; or `pytest.skip` with the reason when they cannot be loaded.
+
+    They import one another relatively (`from .helpers import ...`), so their folder is registered as a package
+    under a private name whose `__init__` never runs; `open_flamingo/__init__.py` (which needs open_clip) and
+    `src/factory.py` are never executed.
+    """
+    if _PACKAGE_NAME in sys.modules:
+        return sys.modules[_PACKAGE_NAME]
+    helpers = load_openflamingo_helpers()  # skips when open_flamingo, einops or einops_exts is missing
+    package = ModuleType(_PACKAGE_NAME)
+    package.__path__ = [str(Path(helpers.__file__).parent)]
+    sys.modules[_PACKAGE_NAME] = package
+    try:
+        for name in ("helpers", "utils", "flamingo_lm", "flamingo"):
+            setattr(package, name, importlib.import_module(f"{_PACKAGE_NAME}.{name}"))
+    except ImportError as error:
+        for name in [key for key in sys.modules if key == _PACKAGE_NAME or key.startswith(f"{_PACKAGE_NAME}.")]:
+            del sys.modules[name]
+        pytest.skip(f"OpenFlamingo reference: loading open_flamingo.src failed: {error}")
+    return package
+
+
+__all__ = ["load_openflamingo_helpers", "load_openflamingo_package"]

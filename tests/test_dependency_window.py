@@ -70,10 +70,37 @@ def test_floor_pins_equal_the_lower_bounds_of_setup_cfg():
         assert pins[name] in requirement.specifier, f"{FLOOR.name} pins {name} {pins[name]} outside {requirement}"
 
 
+# The parity tests' reference: OpenFlamingo's modules. The package pins torch 2.0.1 (and open_clip), so it cannot be a
+# requirement of the `test` extra; both environments install it beside, without its dependencies (einops is in the
+# extra). Pinned, so that the reference does not move under the tests.
+REFERENCE = "pip install --no-deps open-flamingo==2.0.1 einops-exts==0.0.4"
+
+
 def test_ci_runs_the_suite_at_both_ends_of_the_window():
     script = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
-    newest = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q tests'
-    floor = 'pip install torch==2.13.0 && pip install -c .ci/floor-constraints.txt -e ".[test]" && python -m pytest'
+    newest = f'pip install torch==2.13.0 && pip install -e ".[test]" && {REFERENCE} && python -m pytest -q tests'
+    floor = (
+        'pip install torch==2.13.0 && pip install -c .ci/floor-constraints.txt -e ".[test]" && '
+        f"{REFERENCE} && python -m pytest -q tests"
+    )
     assert newest in script and newest in readme
     assert floor in script, "CI must run the suite in the floor environment too"
+    assert floor in readme, "the README quotes the floor command CI runs"
+
+
+def test_every_test_install_in_the_readme_installs_the_reference():
+    """A reader who installs the test extra the README's way gets the OpenFlamingo parity tests run, not skipped."""
+    readme = (ROOT / "README.md").read_text()
+    installs = [line for line in readme.splitlines() if '-e ".[test]"' in line]
+    assert len(installs) >= 3, installs
+    missing = [line for line in installs if REFERENCE not in line]
+    assert not missing, f"README lines that install the test extra without `{REFERENCE}`: {missing}"
+
+
+def test_the_reference_dependency_is_in_the_test_extra_and_not_a_runtime_one():
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    test_extra = [line.strip() for line in config["options.extras_require"]["test"].splitlines()]
+    assert any(_canonical(Requirement(line).name) == "einops" for line in test_extra if line and line[0] != "#")
+    assert "einops" not in runtime_requirements() and "einops" not in floor_pins()

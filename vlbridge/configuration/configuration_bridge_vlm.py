@@ -73,9 +73,10 @@ class BridgeVLMConfig(PreTrainedConfig):
             Which of the tower's tokens the bridge reads: `"full"` all of them, `"patches"` all but the
             `vision_num_prefix_tokens` CLS-like tokens (OpenFlamingo reads open_clip's patch tokens).
         vision_feature_post_layernorm (`bool`, *optional*, defaults to `False`):
-            Apply the tower's final layer norm (CLIP / SigLIP `vision_model.post_layernorm`, which transformers
-            applies to the pooled token only) to every token first: open_clip's `ln_post` does so, and OpenFlamingo's
-            features are those tokens.
+            Apply the tower's final layer norm (CLIP / SigLIP `post_layernorm`, which transformers applies to the
+            pooled token only) to every token first, as open_clip >= 2.23 does for its `visual(x)[1]` tokens. The
+            released OpenFlamingo models were trained before that (patch tokens without `ln_post`): keep it False
+            for them.
         vision_num_prefix_tokens (`int`, *optional*):
             CLS-like tokens the vision tower puts before its patches; filled in for known towers.
         use_qformer_text_input (`bool`, *optional*, defaults to `False`):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig
@@ -25,6 +26,9 @@ CONVERTERS: dict[str, tuple[str, str]] = {
     "Blip2QFormerModel": ("blip2_retrieval", "convert_blip2_qformer_checkpoint"),
     "LlavaForConditionalGeneration": ("llava", "convert_llava_checkpoint"),
 }
+# OpenFlamingo's state dict, which has no config: `convert_openflamingo_checkpoint` takes it, with its two backbones.
+OPENFLAMINGO_CHECKPOINT = "checkpoint.pt"
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 # For a config that names no architecture: the architecture its `model_type` usually saves.
 DEFAULT_ARCHITECTURES = {
     "blip-2": "Blip2ForConditionalGeneration",
@@ -34,9 +38,26 @@ DEFAULT_ARCHITECTURES = {
 }
 
 
+def _refuse_bare_state_dict(src_dir: str | os.PathLike) -> None:
+    """A state dict without a config (OpenFlamingo's `checkpoint.pt`) names no architecture, nor the vision tower and
+    language model it needs: say which converter takes it, rather than fail on the missing config.json."""
+    path = Path(src_dir)
+    weights_file = path.is_file() and path.suffix in STATE_DICT_SUFFIXES
+    folder_without_config = path.is_dir() and not (path / "config.json").exists()
+    if weights_file or (folder_without_config and (path / OPENFLAMINGO_CHECKPOINT).exists()):
+        raise ValueError(
+            f"{src_dir} is a bare state dict, without a config.json naming its architecture. An OpenFlamingo "
+            "checkpoint.pt holds only the weights it trained: convert it with "
+            "vlbridge.conversion.convert_openflamingo_checkpoint(checkpoint, vision_path, text_path, output_dir, "
+            "cross_attention_every_n_layers=...), which also takes the vision tower and language model it was "
+            "trained with."
+        )
+
+
 def source_architecture(src_dir: str | os.PathLike) -> str:
     """The architecture a checkpoint folder (or Hub id) holds: the first of `config.architectures`, else the usual
     one of its `model_type`; a `ValueError` lists what [`convert_checkpoint`] accepts when it converts neither."""
+    _refuse_bare_state_dict(src_dir)
     config = AutoConfig.from_pretrained(src_dir)
     names = [*(getattr(config, "architectures", None) or []), DEFAULT_ARCHITECTURES.get(config.model_type, "")]
     for name in names:
@@ -57,7 +78,9 @@ def convert_checkpoint(
     Converts a released checkpoint into its vlbridge model and processor, whatever its family: the folder's config
     names the architecture, and the converter of that architecture ([`CONVERTERS`]) does the work (the BLIP-2 /
     InstructBLIP generation models: [`convert_blip2_checkpoint`]; BLIP's retrieval, captioning and VQA models:
-    [`convert_blip_checkpoint`]). `vlbridge convert SRC DST` calls it.
+    [`convert_blip_checkpoint`]). `vlbridge convert SRC DST` calls it. An OpenFlamingo `checkpoint.pt` has no config
+    and needs its vision tower and language model besides: [`convert_openflamingo_checkpoint`] converts it, and this
+    function says so when given one.
 
     Args:
         src_dir (`str` or `os.PathLike`): The transformers checkpoint, a folder or a Hub id.
@@ -69,7 +92,9 @@ def convert_checkpoint(
         `(model, processor)`; `processor` is `None` when the source holds none.
 
     Raises:
-        `ValueError`: For an architecture vlbridge does not convert, listing the ones it does.
+        `ValueError`: For an architecture vlbridge does not convert, listing the ones it does; for a bare state dict
+        (a file, or a folder with OpenFlamingo's `checkpoint.pt` and no `config.json`), naming
+        [`convert_openflamingo_checkpoint`].
 
     Example:
 
