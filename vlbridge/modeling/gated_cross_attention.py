@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..configuration import BridgeVLMConfig
 from .bridge_utils import check_pixel_values
@@ -256,8 +257,7 @@ class GatedCrossAttentionLayers(nn.ModuleDict):
         super().__init__(blocks)
         self.only_attend_immediate_media = config.only_attend_immediate_media
         self.media_hidden_size = config.bridge_config.hidden_size
-        # Set by `BridgeVLMModel` before each language-model call and kept afterwards: gradient checkpointing runs
-        # the decoder layers (and so the hooks) again during backward.
+        # Set by `BridgeVLMModel` for the duration of each language-model call.
         self.state: MediaState | None = None
         self.last_state: MediaState | None = None  # until the forward has handed it to the cache
 
@@ -391,25 +391,33 @@ class CrossAttentionFusionMixin:
         return inputs_embeds, image_tokens
 
     def finish_cross_attention(self) -> None:
-        """Drops the state the hooks read, unless gradient checkpointing will run the decoder layers again."""
+        """Drops the state the hooks read once the language model has run, so that nothing stale is left for a later
+        call of the language model alone (a recompute under gradient checkpointing finds its own forward's state on
+        the layer's input: see `_run_gated_block`)."""
         blocks = getattr(self, "gated_cross_attention", None)
-        if blocks is None:
-            return
-        # transformers >= 5.24 names it `is_activation_checkpointing` (the old name warns), 5.20 only the old one.
-        language_model = self.language_model
-        name = "is_activation_checkpointing" if hasattr(type(language_model), "is_activation_checkpointing") else None
-        checkpointing = getattr(language_model, name or "is_gradient_checkpointing", False)
-        if not checkpointing:
+        if blocks is not None:
             blocks.state = None
+
+
+# Where a checkpointed decoder layer's input carries the state of its forward, for the recompute during backward.
+_RECOMPUTE_STATE_ATTRIBUTE = "_vlbridge_media_state"
 
 
 def _run_gated_block(layer: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of a decoder layer: the gated block runs on the hidden states before the layer does."""
     blocks, index = layer._vlbridge_gated_blocks, layer._vlbridge_gated_index
+    hidden_states = args[0] if args else kwargs["hidden_states"]
     state = blocks.state
     if state is None:
-        return None  # the language model called on its own, outside the VLM
-    hidden_states = args[0] if args else kwargs["hidden_states"]
+        # transformers < 5.24 runs module hooks inside the activation checkpoint: the backward's recompute calls this
+        # hook again, after the forward has ended, with the same input tensor, which carries that forward's state
+        # (a global one would be the latest forward's: TRL's reference forward runs between forward and backward).
+        state = getattr(hidden_states, _RECOMPUTE_STATE_ATTRIBUTE, None)
+        if state is None:
+            return None  # the language model called on its own, outside the VLM
+    elif layer.training and getattr(layer, "gradient_checkpointing", False):
+        _check_not_reentrant(layer)
+        setattr(hidden_states, _RECOMPUTE_STATE_ATTRIBUTE, state)
     # Looked up by key at each call: PEFT's `modules_to_save` swaps the block for a wrapper that runs its trained copy.
     hidden_states, key_value = blocks[str(index)](
         hidden_states, state.media, state.allowed, state.key_values.get(index)
@@ -419,6 +427,19 @@ def _run_gated_block(layer: nn.Module, args: tuple, kwargs: dict):
     if args:
         return (hidden_states, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden_states}
+
+
+def _check_not_reentrant(layer: nn.Module) -> None:
+    """Reentrant checkpointing re-runs the hook on detached inputs, where the state is lost (transformers < 5.24,
+    which checkpoints the whole call, hooks included): refuse it rather than fail deep inside backward."""
+    checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+    keywords = getattr(checkpoint, "keywords", None) or {}
+    if keywords.get("use_reentrant") and "__call__" in vars(GradientCheckpointingLayer):
+        raise ValueError(
+            "Gated cross-attention runs inside the language model's decoder layers, which reentrant activation "
+            "checkpointing re-runs without the images on this transformers release: use "
+            "gradient_checkpointing_kwargs={'use_reentrant': False} (the default)."
+        )
 
 
 def pad_media_per_sample(media: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
