@@ -39,6 +39,11 @@ MODULES = [
     "vlbridge.modeling.qformer_captioning",
     "vlbridge.conversion.llava",
     "vlbridge.conversion.dispatch",
+    "vlbridge.modeling.gated_cross_attention",
+    "vlbridge.conversion.openflamingo_perceiver",
+    "vlbridge.data.synthetic_interleaved",
+    "vlbridge.trainers.interleaved",
+    "vlbridge.evaluation.few_shot",
 ]
 
 

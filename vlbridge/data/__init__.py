@@ -11,6 +11,7 @@ from .synthetic import (
     render_scene,
     sample_scene,
 )
+from .synthetic_interleaved import interleave_pairs, make_synthetic_interleaved
 from .synthetic_multi import make_synthetic_multi_image, make_synthetic_small_objects, multi_image_vocabulary
 from .synthetic_noisy import add_caption_noise
 from .synthetic_preference import make_synthetic_preference, make_synthetic_safety_chat, preference_vocabulary
@@ -22,10 +23,11 @@ from .synthetic_vqa import (
     vqa_vocabulary,
     write_questions,
 )
-from .tokenizer import SPECIAL_TOKENS, build_word_tokenizer
+from .tokenizer import END_OF_CHUNK_TOKEN, SPECIAL_TOKENS, build_word_tokenizer
 
 
 __all__ = [
+    "END_OF_CHUNK_TOKEN",
     "SPECIAL_TOKENS",
     "LoadReport",
     "Scene",
@@ -36,11 +38,13 @@ __all__ = [
     "chat_vocabulary",
     "explode_captions",
     "group_captions",
+    "interleave_pairs",
     "load_image_text_folder",
     "load_image_text_jsonl",
     "load_image_text_shards",
     "make_synthetic_chat",
     "make_synthetic_image_text",
+    "make_synthetic_interleaved",
     "make_synthetic_multi_image",
     "make_synthetic_preference",
     "make_synthetic_safety_chat",

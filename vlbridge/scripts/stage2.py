@@ -9,6 +9,10 @@ behind `vlbridge stage2` and `examples/stage2.py`.
     # teaches the tiny LM the captions' language first
     vlbridge stage2 --config stage2_builtin --from_stage1 outputs/stage1-builtin \
         --lm_text_steps 300 --image_size 48 --max_objects 2
+
+    # Flamingo: Perceiver + gated cross-attention on interleaved sequences of 8 (image, caption) chunks,
+    # "<image>caption<|endofchunk|>...", then held-out captions after 0, 2 and 4 in-context examples
+    vlbridge stage2 --config stage2_flamingo_builtin
 """
 
 from __future__ import annotations
@@ -17,16 +21,16 @@ from dataclasses import dataclass, field
 
 from transformers import AutoImageProcessor, Trainer, TrainingArguments
 
-from ..data import build_word_tokenizer, chat_vocabulary, make_synthetic_image_text
+from ..data import build_word_tokenizer, chat_vocabulary, interleave_pairs, make_synthetic_image_text
 from ..data.user import load_user_dataset
-from ..evaluation import evaluate_generation
+from ..evaluation import evaluate_few_shot, evaluate_generation
 from ..hub.checkpoint import describe_train_data
 from ..modeling import load_qformer_into_vlm, vlm_from_stage1
 from ..modeling.saving import write_model_card
 from ..processing import BridgeProcessor
-from ..trainers import CaptionCollator, caption_context_texts, train_language_model_on_text
+from ..trainers import CaptionCollator, InterleavedCollator, caption_context_texts, train_language_model_on_text
 from ..trainers.distributed import close_process_group
-from .tiny import tiny_text_config
+from .tiny import tiny_text_config, tiny_vlm
 from .utils import (
     OUTSIDE_PATHS_HELP,
     ScriptParser,
@@ -83,12 +87,36 @@ class Stage2Arguments:
             "LM learns to restate its context, which is how image tokens steer it once it is frozen."
         },
     )
+    image_mean: float | None = field(
+        default=None,
+        metadata={
+            "help": "Pixel normalisation mean (every channel) of the tiny VLM built in code; 1.0 maps the built-in "
+            "white background to 0, so that only the shapes drive its random, frozen ViT (as stage1_builtin). "
+            "Unset keeps CLIP's mean. Not with a saved model, whose image processor decides."
+        },
+    )
+    interleaved_pairs: int = field(
+        default=0,
+        metadata={
+            "help": "Train on interleaved sequences of this many (image, caption) chunks, "
+            "'<image>caption<|endofchunk|><image>caption<|endofchunk|>...' (OpenFlamingo; vlbridge.data."
+            "interleave_pairs), instead of single captions, and evaluate held-out captions after --eval_shots "
+            "in-context examples; the tiny VLM's tokenizer gets <|endofchunk|>. 0 trains on single captions."
+        },
+    )
+    eval_shots: list[int] = field(
+        default_factory=lambda: [0, 2, 4],
+        metadata={
+            "help": "With --interleaved_pairs: in-context (image, caption) examples before each held-out image."
+        },
+    )
 
 
-def vlm_around_stage1(directory: str):
+def vlm_around_stage1(directory: str, end_of_chunk_token: bool = False):
     """The stage-1 vision tower and Q-Former with a fresh tiny LM, the stage-1 image processor and a tokenizer over
-    the chat words (BLIP-2's stage 2 reads the features its Q-Former was trained on)."""
-    tokenizer = build_word_tokenizer(chat_vocabulary())
+    the chat words, with `<|endofchunk|>` if asked (BLIP-2's stage 2 reads the features its Q-Former was trained
+    on)."""
+    tokenizer = build_word_tokenizer(chat_vocabulary(), end_of_chunk_token=end_of_chunk_token)
     model = vlm_from_stage1(directory, tiny_text_config(tokenizer), image_token_id=tokenizer.image_token_id)
     image_processor = AutoImageProcessor.from_pretrained(directory)
     return model, BridgeProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
@@ -153,14 +181,44 @@ def make_parser() -> ScriptParser:
     return parser
 
 
+def tiny_interleaved_vlm(model_args: VLMModelArguments):
+    """The tiny VLM of `load_model_and_processor`, over a tokenizer that also knows `<|endofchunk|>` (its last id, so
+    the other ids are those of the single-caption runs), with its processor; frozen as `model_args.freeze` says."""
+    from transformers import CLIPImageProcessor
+
+    if model_args.instruct_from_stage1:
+        raise ValueError(
+            "--interleaved_pairs does not take --instruct_from_stage1: the Q-Former would need one instruction per "
+            "image of a sequence."
+        )
+    tokenizer = build_word_tokenizer(chat_vocabulary(), end_of_chunk_token=True)
+    model = tiny_vlm(model_args.bridge, tokenizer, model_args.image_fusion)
+    size = model.config.vision_config.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = BridgeProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
+    model.freeze(model_args.freeze)
+    return model, processor
+
+
 def load_model(stage2_args: Stage2Arguments, model_args: VLMModelArguments):
-    """The VLM and its processor: around a stage-1 run, from a checkpoint, or tiny and built in code."""
+    """The VLM and its processor: around a stage-1 run, from a checkpoint, or tiny and built in code (with
+    `<|endofchunk|>` in its tokenizer for `--interleaved_pairs`)."""
     # chat_vocabulary covers the captions and the words of the chat template evaluate_generation renders.
+    interleaved = stage2_args.interleaved_pairs > 0
+    if stage2_args.image_mean is not None and (stage2_args.from_stage1 or model_args.model_name_or_path):
+        raise ValueError(
+            "--image_mean sets the image processor of the tiny VLM built in code; a saved model or stage-1 run brings "
+            "its own (its vision tower was trained on those pixels). Drop --image_mean."
+        )
     if stage2_args.from_stage1 is not None:
-        model, processor = vlm_around_stage1(stage2_args.from_stage1)
+        model, processor = vlm_around_stage1(stage2_args.from_stage1, end_of_chunk_token=interleaved)
         model.freeze(model_args.freeze)
+    elif interleaved and model_args.model_name_or_path is None:
+        model, processor = tiny_interleaved_vlm(model_args)
     else:
         model, processor = load_model_and_processor(model_args, chat_vocabulary())
+    if stage2_args.image_mean is not None:
+        processor.image_processor.image_mean = [stage2_args.image_mean] * 3
     if stage2_args.stage1_checkpoint is not None:
         load_qformer_into_vlm(model, stage2_args.stage1_checkpoint)
     return model, processor
@@ -213,6 +271,35 @@ def evaluate_captions(model, processor, data, stage2_args: Stage2Arguments, trai
     )
 
 
+def evaluate_few_shot_captions(
+    model, processor, data, stage2_args: Stage2Arguments, training_args, metrics: dict
+) -> None:
+    """Held-out CIDEr after `--eval_shots` in-context examples of the training pairs (`cider_{k}shot`), printed and
+    written into the model card."""
+    scores, predictions = evaluate_few_shot(
+        model,
+        processor,
+        data["test"],
+        data["train_pairs"],
+        shots=stage2_args.eval_shots,
+        seed=training_args.seed,
+        max_new_tokens=stage2_args.eval_max_new_tokens,
+        progress=not training_args.disable_tqdm,
+        return_predictions=True,
+    )
+    metrics.update({f"cider_{shots}shot": score for shots, score in scores.items()})
+    num_images = len(next(iter(predictions.values())))
+    print(
+        f"held-out few-shot captions ({num_images} images): "
+        + ", ".join(f"{shots}-shot CIDEr {score:.3f}" for shots, score in scores.items())
+    )
+    for shots, captions in predictions.items():
+        print(f"  {shots}-shot: {captions[0]!r}")
+    write_model_card(
+        training_args.output_dir, stage="stage2", metrics=metrics, data=describe_train_data(data["train"])
+    )
+
+
 def main(
     script_args: Stage2ScriptArguments, training_args: TrainingArguments, model_args: VLMModelArguments
 ) -> ScriptResult:
@@ -236,14 +323,30 @@ def main(
     ################
     # Model, processor & data
     ################
+    if stage2_args.interleaved_pairs > 0 and stage2_args.prompt:
+        raise ValueError("--prompt goes with single captions; interleaved sequences have no prompt: drop it.")
     model, processor = load_model(stage2_args, model_args)
     data = load_captions(data_args)
+    # The same warm-up for single captions and interleaved sequences: the LM is what the two layouts share.
     if stage2_args.lm_text_steps > 0:
         warm_up_language_model(model, processor, data["train"], stage2_args, training_args)
-    # The collator reads the raw image / caption columns, so the Trainer must keep them.
-    collator = CaptionCollator.from_model(
-        model, processor, prompt=stage2_args.prompt, max_length=stage2_args.max_length
-    )
+    interleaved = stage2_args.interleaved_pairs > 0
+    if interleaved:
+        # The pairs stay for the in-context examples; training reads them as sequences of chunks.
+        data["train_pairs"] = data["train"]
+        data["train"] = interleave_pairs(
+            data["train"],
+            stage2_args.interleaved_pairs,
+            seed=data_args.data_seed_value,
+            image_token=processor.image_token,
+        )
+    # The collator reads the raw image / caption (text / images) columns, so the Trainer must keep them.
+    if interleaved:
+        collator = InterleavedCollator.from_model(model, processor, max_length=stage2_args.max_length)
+    else:
+        collator = CaptionCollator.from_model(
+            model, processor, prompt=stage2_args.prompt, max_length=stage2_args.max_length
+        )
     training_args.remove_unused_columns = False
 
     ################
@@ -256,7 +359,10 @@ def main(
     # Held-out captioning
     ################
     if "test" in data and trainer.is_world_process_zero():
-        evaluate_captions(trainer.model, processor, data, stage2_args, training_args, metrics)
+        if interleaved:
+            evaluate_few_shot_captions(trainer.model, processor, data, stage2_args, training_args, metrics)
+        else:
+            evaluate_captions(trainer.model, processor, data, stage2_args, training_args, metrics)
     log_history = list(trainer.state.log_history)
     # Under accelerate / torchrun: every process waits here for the others, then the process group closes cleanly.
     del trainer, model
@@ -270,6 +376,7 @@ __all__ = [
     "Stage2ScriptArguments",
     "main",
     "make_parser",
+    "tiny_interleaved_vlm",
     "vlm_around_stage1",
 ]
 

@@ -1,6 +1,8 @@
-"""Training: the stage-1 trainer and its config, the collators of every stage, LoRA helpers, the LM text warm-up."""
+"""Training: the stage-1 trainer and its config, the collators of every stage (interleaved sequences included), LoRA
+helpers, the LM text warm-up."""
 
 from .collators import CaptionCollator, ChatCollator, ImageTextCollator
+from .interleaved import InterleavedCollator
 from .lora import LoraArguments, language_model_lora_config
 from .stage1_config import Stage1Config
 from .stage1_trainer import Stage1Trainer
@@ -11,6 +13,7 @@ __all__ = [
     "CaptionCollator",
     "ChatCollator",
     "ImageTextCollator",
+    "InterleavedCollator",
     "LoraArguments",
     "Stage1Config",
     "Stage1Trainer",
