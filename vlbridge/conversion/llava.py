@@ -21,6 +21,7 @@ from ..configuration import BridgeVLMConfig, MLPProjectorConfig
 from ..configuration.configuration_bridge_vlm import VISION_PREFIX_TOKENS, check_vision_feature_layer
 from ..modeling import BridgeVLMForConditionalGeneration
 from ..processing import BridgeProcessor
+from .state import load_state_strict
 
 
 logger = logging.get_logger(__name__)
@@ -109,21 +110,8 @@ def llava_config_to_vlbridge(source_config) -> BridgeVLMConfig:
 
 
 def _copy_weights(target: nn.Module, state: dict[str, torch.Tensor], part: str) -> None:
-    """`target.load_state_dict(state)`, strict, with an error that says which part did not fit and why."""
-    wanted, given = target.state_dict(), set(state)
-    missing, unexpected = sorted(set(wanted) - given), sorted(given - set(wanted))
-    mismatched = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
-        for key, value in wanted.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"The LLaVA checkpoint's {part} does not fit the converted model: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, shapes (checkpoint vs model) {mismatched[:5]}. Convert the model with the config its "
-            "weights were saved with (llava_config_to_vlbridge(source.config))."
-        )
-    target.load_state_dict(state)
+    hint = "Convert the model with the config its weights were saved with (llava_config_to_vlbridge(source.config))."
+    load_state_strict(target, state, "LLaVA", part, hint)
 
 
 def load_llava_weights(model: BridgeVLMForConditionalGeneration, source: LlavaForConditionalGeneration) -> None:

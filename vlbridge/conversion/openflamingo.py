@@ -62,6 +62,7 @@ from ..modeling import BridgeVLMForConditionalGeneration
 from ..modeling.gated_cross_attention import find_decoder_layers
 from ..processing import BridgeProcessor
 from .openflamingo_perceiver import openflamingo_perceiver_state_dict
+from .state import load_state_strict
 
 
 logger = logging.get_logger(__name__)
@@ -237,20 +238,7 @@ def _check_block_placement(found: list[int], depth: int, every: int) -> None:
 
 
 def _load_strict(target: nn.Module, state: Mapping[str, torch.Tensor], part: str, hint: str) -> None:
-    """`target.load_state_dict(state)`, strict, with an error that says what did not fit and how to fix it."""
-    wanted = target.state_dict()
-    missing, unexpected = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
-    mismatched = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
-        for key, value in wanted.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"The OpenFlamingo checkpoint's {part} does not fit the converted model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shapes (checkpoint vs model) {mismatched[:5]}. {hint}"
-        )
-    target.load_state_dict(state)
+    load_state_strict(target, state, "OpenFlamingo", part, hint)
 
 
 def _perceiver_hint(perceiver_state: Mapping[str, torch.Tensor]) -> str:
