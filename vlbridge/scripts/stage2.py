@@ -30,7 +30,7 @@ from ..modeling.saving import write_model_card
 from ..processing import BridgeProcessor
 from ..trainers import CaptionCollator, InterleavedCollator, caption_context_texts, train_language_model_on_text
 from ..trainers.distributed import close_process_group
-from .tiny import tiny_text_config, tiny_vlm
+from .tiny import tiny_text_config
 from .utils import (
     OUTSIDE_PATHS_HELP,
     ScriptParser,
@@ -181,25 +181,6 @@ def make_parser() -> ScriptParser:
     return parser
 
 
-def tiny_interleaved_vlm(model_args: VLMModelArguments):
-    """The tiny VLM of `load_model_and_processor`, over a tokenizer that also knows `<|endofchunk|>` (its last id, so
-    the other ids are those of the single-caption runs), with its processor; frozen as `model_args.freeze` says."""
-    from transformers import CLIPImageProcessor
-
-    if model_args.instruct_from_stage1:
-        raise ValueError(
-            "--interleaved_pairs does not take --instruct_from_stage1: the Q-Former would need one instruction per "
-            "image of a sequence."
-        )
-    tokenizer = build_word_tokenizer(chat_vocabulary(), end_of_chunk_token=True)
-    model = tiny_vlm(model_args.bridge, tokenizer, model_args.image_fusion)
-    size = model.config.vision_config.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor = BridgeProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
-    model.freeze(model_args.freeze)
-    return model, processor
-
-
 def load_model(stage2_args: Stage2Arguments, model_args: VLMModelArguments):
     """The VLM and its processor: around a stage-1 run, from a checkpoint, or tiny and built in code (with
     `<|endofchunk|>` in its tokenizer for `--interleaved_pairs`)."""
@@ -213,10 +194,13 @@ def load_model(stage2_args: Stage2Arguments, model_args: VLMModelArguments):
     if stage2_args.from_stage1 is not None:
         model, processor = vlm_around_stage1(stage2_args.from_stage1, end_of_chunk_token=interleaved)
         model.freeze(model_args.freeze)
-    elif interleaved and model_args.model_name_or_path is None:
-        model, processor = tiny_interleaved_vlm(model_args)
     else:
-        model, processor = load_model_and_processor(model_args, chat_vocabulary())
+        if interleaved and model_args.instruct_from_stage1:
+            raise ValueError(
+                "--interleaved_pairs does not take --instruct_from_stage1: the Q-Former would need one instruction "
+                "per image of a sequence."
+            )
+        model, processor = load_model_and_processor(model_args, chat_vocabulary(), end_of_chunk_token=interleaved)
     if stage2_args.image_mean is not None:
         processor.image_processor.image_mean = [stage2_args.image_mean] * 3
     if stage2_args.stage1_checkpoint is not None:
@@ -376,7 +360,6 @@ __all__ = [
     "Stage2ScriptArguments",
     "main",
     "make_parser",
-    "tiny_interleaved_vlm",
     "vlm_around_stage1",
 ]
 

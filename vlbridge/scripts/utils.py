@@ -263,9 +263,10 @@ class VLMModelArguments:
     )
 
 
-def load_model_and_processor(args: VLMModelArguments, vocabulary: list[str]):
+def load_model_and_processor(args: VLMModelArguments, vocabulary: list[str], end_of_chunk_token: bool = False):
     """The checkpoint at `args.model_name_or_path` with its processor, or the tiny VLM of `vlbridge.scripts.tiny` with
-    a word-level tokenizer over `vocabulary`; frozen as `args.freeze` says."""
+    a word-level tokenizer over `vocabulary` (and OpenFlamingo's `<|endofchunk|>`, its last id, with
+    `end_of_chunk_token`); frozen as `args.freeze` says."""
     from transformers import AutoProcessor, CLIPImageProcessor
 
     from ..data import build_word_tokenizer
@@ -282,7 +283,7 @@ def load_model_and_processor(args: VLMModelArguments, vocabulary: list[str]):
         model = BridgeVLMForConditionalGeneration.from_pretrained(args.model_name_or_path)
         processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     else:
-        tokenizer = build_word_tokenizer(vocabulary)
+        tokenizer = build_word_tokenizer(vocabulary, end_of_chunk_token=end_of_chunk_token)
         model = tiny_vlm(args.bridge, tokenizer, args.image_fusion)
         size = model.config.vision_config.image_size
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
