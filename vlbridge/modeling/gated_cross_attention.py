@@ -363,12 +363,8 @@ class CrossAttentionFusionMixin:
             `(inputs_embeds, image_tokens)`: `(B, T, embed_dim)` and the bridge's tokens `(num_images, N, Db)`
             (None without images).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, Dt)
         has_media = pixel_values is not None or bridge_tokens is not None
-        markers = self._placeholder_mask(input_ids, inputs_embeds, has_media)  # (B, T)
+        inputs_embeds, markers = self._embed_text(input_ids, inputs_embeds, has_media)  # (B, T, Dt), (B, T)
         image_tokens, media = bridge_tokens, None
         if pixel_values is not None:
             pixel_values = check_pixel_values(pixel_values, check_finite=False)  # (num_images, C, H, W)

@@ -357,12 +357,8 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
             `(inputs_embeds, image_features)`: `(batch_size, sequence_length, embed_dim)` and
             `(num_images, num_image_tokens, embed_dim)` (any-res: `(num_real_tiles, ...)`; None without images).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, Dt)
         has_media = pixel_values is not None or bridge_tokens is not None
-        placeholder_mask = self._placeholder_mask(input_ids, inputs_embeds, has_media)  # (B, T)
+        inputs_embeds, placeholder_mask = self._embed_text(input_ids, inputs_embeds, has_media)  # (B, T, Dt), (B, T)
         if not has_media:
             if placeholder_mask.any():
                 raise ValueError(
@@ -397,6 +393,17 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
         mask = placeholder_mask.unsqueeze(-1).expand_as(inputs_embeds)
         inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
         return inputs_embeds, image_features
+
+    def _embed_text(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor | None, has_images: bool
+    ) -> tuple[torch.FloatTensor, torch.Tensor]:
+        """`(inputs_embeds, image_token_mask)`: the text embedded (unless given embedded) and where its `<image>`
+        tokens are, `(B, T, Dt)` and `(B, T)`; both fusions start here."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, Dt)
+        return inputs_embeds, self._placeholder_mask(input_ids, inputs_embeds, has_images)
 
     def _placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor, has_images: bool = True
