@@ -159,6 +159,7 @@ class PerceiverResamplerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["PerceiverResamplerLayer"]
     _supports_sdpa = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
 
     @torch.no_grad()

@@ -264,6 +264,7 @@ class QFormerPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
     # The bridge is kept in fp32 (see `QFormerModel.forward`), which rules out Flash Attention's fp16/bf16 kernels.
     _supports_flash_attn = False
