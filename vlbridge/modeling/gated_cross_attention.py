@@ -259,7 +259,6 @@ class GatedCrossAttentionLayers(nn.ModuleDict):
         self.media_hidden_size = config.bridge_config.hidden_size
         # Set by `BridgeVLMModel` for the duration of each language-model call.
         self.state: MediaState | None = None
-        self.last_state: MediaState | None = None  # until the forward has handed it to the cache
 
     def attach(self, decoder_layers: nn.ModuleList) -> None:
         """Registers a forward pre-hook on each decoder layer that has a block."""
@@ -285,7 +284,8 @@ class GatedCrossAttentionLayers(nn.ModuleDict):
             markers (`torch.BoolTensor` of shape `(B, T)`): Where the `<image>` markers are in the current tokens.
             media (`torch.Tensor` of shape `(B, M, N, Dm)`, *optional*): Each sample's image tokens, padded to the
                 batch's most images `M` (rows past a sample's count are ignored). None: no new images.
-            cache (*optional*): The language model's KV cache; the state is kept on it for the next steps.
+            cache (*optional*): The language model's KV cache, which carries the state of the earlier steps
+                (`keep_with_cache`).
         """
         previous = getattr(cache, CACHE_MEDIA_ATTRIBUTE, None) if cache is not None else None
         continuing = previous is not None and cache.get_seq_length() > 0
@@ -313,19 +313,16 @@ class GatedCrossAttentionLayers(nn.ModuleDict):
         if self.only_attend_immediate_media:
             state.allowed = text_time[:, :, None] == media_time
         else:
-            state.allowed = (text_time[:, :, None] >= media_time) & (media_time > 0)
+            state.allowed = text_time[:, :, None] >= media_time
         state.allowed = state.allowed & (media_time > 0)  # (B, T, S); padding images are never read
-        if cache is not None:
-            setattr(cache, CACHE_MEDIA_ATTRIBUTE, state)
-        self.state = self.last_state = state
+        self.state = state
         return state
 
     def keep_with_cache(self, cache) -> None:
-        """Keeps the state on a cache the language model made itself (a forward with `use_cache=True` and no cache),
-        so that decoding from it reads the same images."""
-        if cache is not None and self.last_state is not None and getattr(cache, CACHE_MEDIA_ATTRIBUTE, None) is None:
-            setattr(cache, CACHE_MEDIA_ATTRIBUTE, self.last_state)
-        self.last_state = None
+        """Keeps the current state on the cache the language model returned (the one `generate` passed in, or one it
+        made itself for `use_cache=True`), so that decoding from it reads the same images."""
+        if cache is not None and self.state is not None:
+            setattr(cache, CACHE_MEDIA_ATTRIBUTE, self.state)
 
     def _new_state(self, counts: torch.Tensor, media: torch.Tensor | None, device: torch.device) -> MediaState:
         batch_size = counts.shape[0]

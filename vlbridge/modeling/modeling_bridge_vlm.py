@@ -492,10 +492,10 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
             )
         try:
             outputs = self.language_model(position_ids=position_ids, **lm_kwargs)
+            if self.gated_cross_attention is not None:
+                self.gated_cross_attention.keep_with_cache(outputs.get(CACHE_KEY))
         finally:
             self.finish_cross_attention()
-        if self.gated_cross_attention is not None:
-            self.gated_cross_attention.keep_with_cache(outputs.get(CACHE_KEY))
         return BridgeVLMModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             **{CACHE_KEY: outputs.get(CACHE_KEY)},
