@@ -31,15 +31,20 @@ BRIDGES = {
 }
 
 
-def declared_implementations() -> list[str]:
-    """What `BridgeVLMPreTrainedModel` says it supports (eager always)."""
-    from vlbridge.modeling import BridgeVLMPreTrainedModel as base
-
+def declared_implementations(bridge: str) -> list[str]:
+    """What the composite built with `bridge` says it supports (eager always)."""
+    model = BridgeVLMForConditionalGeneration(vlm_config(bridge))
     declared = ["eager"]
-    declared += ["sdpa"] if base._supports_sdpa else []
-    declared += ["flex_attention"] if base._supports_flex_attn else []
-    declared += ["flash_attention_2"] if base._supports_flash_attn else []
+    declared += ["sdpa"] if model._supports_sdpa else []
+    declared += ["flex_attention"] if model._supports_flex_attn else []
+    declared += ["flash_attention_2"] if model._supports_flash_attn else []
     return declared
+
+
+def declared_pairs() -> list[tuple[str, str]]:
+    return [
+        (bridge, implementation) for bridge in sorted(BRIDGES) for implementation in declared_implementations(bridge)
+    ]
 
 
 def skip_unless_runnable(implementation: str) -> None:
@@ -73,8 +78,7 @@ def vlm_config(bridge: str) -> BridgeVLMConfig:
     )
 
 
-@pytest.mark.parametrize("implementation", declared_implementations())
-@pytest.mark.parametrize("bridge", sorted(BRIDGES))
+@pytest.mark.parametrize(("bridge", "implementation"), declared_pairs())
 def test_vlm_runs_every_declared_attention_implementation(bridge, implementation, tmp_path):
     skip_unless_runnable(implementation)
     torch.manual_seed(0)
@@ -95,7 +99,20 @@ def test_vlm_runs_every_declared_attention_implementation(bridge, implementation
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("implementation", declared_implementations())
+def bridge_implementations() -> list[str]:
+    """What both attending bridges declare."""
+    declared = ["eager"]
+    for flag, implementation in (
+        ("sdpa", "sdpa"),
+        ("flex_attn", "flex_attention"),
+        ("flash_attn", "flash_attention_2"),
+    ):
+        if all(getattr(bridge, f"_supports_{flag}") for bridge in (QFormerModel, PerceiverResamplerModel)):
+            declared.append(implementation)
+    return declared
+
+
+@pytest.mark.parametrize("implementation", bridge_implementations())
 def test_bridges_mask_padded_features_with_every_implementation(implementation):
     """The masks the bridges build (padded image features; the Q-Former's query / text structure) reach each
     attention implementation in the form it takes."""
@@ -145,3 +162,40 @@ def test_bridges_mask_padded_features_with_every_implementation(implementation):
                 got = got.last_hidden_state
         # Padding rows of the text are compared too: every implementation sees the same (finite) mask.
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_composite_declares_flash_only_when_its_bridge_can():
+    """Flash attention takes padding-only masks in half precision: the fp32 Q-Former and Perceiver cannot run it, so a
+    composite with them does not declare it; the MLP projector has no attention, so a LLaVA-style composite does."""
+    assert not QFormerModel._supports_flash_attn and not PerceiverResamplerModel._supports_flash_attn
+    for bridge in ("vlbridge_qformer", "vlbridge_perceiver"):
+        assert "flash_attention_2" not in declared_implementations(bridge)
+    assert "flash_attention_2" in declared_implementations("vlbridge_mlp")
+
+
+@pytest.mark.parametrize("bridge", ["vlbridge_qformer", "vlbridge_perceiver"])
+def test_flash_request_names_the_per_part_form(bridge, tmp_path):
+    BridgeVLMForConditionalGeneration(vlm_config(bridge)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r'"bridge_config": "sdpa"') as error:
+        BridgeVLMForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
+    assert bridge in str(error.value) and '"text_config": "flash_attention_2"' in str(error.value)
+
+
+def test_per_part_attention_implementations(tmp_path):
+    """The per-part form the error names reaches each part (eager / sdpa here: flash needs a GPU)."""
+    torch.manual_seed(0)
+    config = vlm_config("vlbridge_qformer")
+    reference = BridgeVLMForConditionalGeneration(config).eval()
+    reference.save_pretrained(tmp_path)
+    parts = {"text_config": "eager", "vision_config": "eager", "bridge_config": "sdpa"}
+    model = BridgeVLMForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=parts).eval()
+    assert model.model.language_model.config._attn_implementation == "eager"
+    assert model.model.vision_tower.config._attn_implementation == "eager"
+    assert model.model.bridge.config._attn_implementation == "sdpa"
+    input_ids = torch.tensor([[1] + [99] * config.num_image_tokens + [5, 6]])
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, pixel_values=pixel_values).logits
+        torch.testing.assert_close(
+            model(input_ids=input_ids, pixel_values=pixel_values).logits, expected, atol=1e-5, rtol=0
+        )

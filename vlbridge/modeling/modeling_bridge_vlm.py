@@ -19,6 +19,7 @@ from transformers.utils import logging
 
 from ..configuration import BridgeVLMConfig
 from .anyres import AnyResTiles
+from .attention_support import AttentionSupportMixin
 from .bridge_utils import check_pixel_values, vision_tower_features
 from .compat import CACHE_KEY
 from .freezing import FreezingMixin
@@ -40,14 +41,14 @@ from .video import video_bridge_tokens
 logger = logging.get_logger(__name__)
 
 
-class BridgeVLMPreTrainedModel(FreezingMixin, PreTrainedModel):
+class BridgeVLMPreTrainedModel(AttentionSupportMixin, FreezingMixin, PreTrainedModel):
     config: BridgeVLMConfig
     config_class = BridgeVLMConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _supports_flash_attn = True
+    # `_supports_flash_attn` follows the bridge (AttentionSupportMixin): only the MLP projector can take flash.
     _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values", "cache"]
