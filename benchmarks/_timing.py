@@ -48,3 +48,45 @@ def time_rounds(
         if after_round is not None:
             after_round(index, {key: values[-1] for key, values in results.items()})
     return wall, cpu, results
+
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s (no sparsity). Model FLOPs utilisation is
+# reported against them; `--peak-tflops` overrides for a device not listed. Matched on a substring of the device name.
+BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "RTX 4090": 165.0,
+}
+
+
+def device_peak_tflops(device: str, override: float | None = None) -> tuple[float | None, str]:
+    """The bf16 peak used for model FLOPs utilisation and the device's name: `override` when given, else the data
+    sheet figure matched on the CUDA device name (`None` when unknown or on CPU, where no data sheet applies)."""
+    if device != "cuda":
+        return override, "cpu"
+    import torch
+
+    name = torch.cuda.get_device_name()
+    if override is not None:
+        return override, name
+    for key, peak in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return peak, name
+    return None, name
+
+
+def count_flops(call: Callable[[], object]) -> int:
+    """FLOPs of one call as `torch.utils.flop_counter.FlopCounterMode` counts them (matmuls, convolutions and
+    attention; forward and, when the call runs it, backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        call()
+    return counter.get_total_flops()

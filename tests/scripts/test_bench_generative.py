@@ -33,11 +33,15 @@ def test_quick_run_matches_transformers(bench, capsys):
         ratios = (summary["ratio"], summary["paired_ratio"], summary["cpu_ratio"], *summary["spread"])
         for value in (*ratios, *summary["throughput"].values()):
             assert math.isfinite(value) and value > 0, summary
+        # FLOPs are counted for the utilisation table; a training step (forward + backward) costs more than a forward.
+        assert summary["flops"]["vlbridge"] > 0 and summary["flops"]["transformers"] > 0
+    assert train["flops"]["vlbridge"] > 0.5 * train["flops"]["transformers"]
 
     table = capsys.readouterr().out
     assert (
         "| stage-2 train step | fp32 | vlbridge |" in table and "| generate 5 tokens | fp32 | transformers |" in table
     )
+    assert "| train | fp32 | vlbridge |" in table  # the utilisation table
 
 
 def test_parity_checks_catch_a_mismatch(bench):
