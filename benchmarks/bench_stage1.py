@@ -7,9 +7,17 @@ three losses, AdamW (lr 1e-4, weight decay 0.05; fused by default, the HF Traine
 
 The vision tower is frozen in BLIP-2 and runs without gradient, so it is left out: the model is built with a
 one-layer stand-in tower of width 1408 (only so that the config wires the Q-Former's `encoder_hidden_size` to 1408),
-and its `get_vision_features` is replaced by the identity, so that `pixel_values` *are* precomputed image features of
-BLIP-2's real shape, `(batch, 257, 1408)` (ViT-g/14 at 224 px). The cost of the frozen ViT-g (about 2 x 1.0 B
-parameters x 257 tokens = 0.5 TFLOP per image, forward only) is therefore excluded from every number below.
+and the step gets precomputed image features of BLIP-2's real shape, `(batch, 257, 1408)` (ViT-g/14 at 224 px),
+through the model's `vision_features` input (what a feature cache feeds it), so the tower never runs. The cost of the
+frozen ViT-g (about 2 x 1.0 B parameters x 257 tokens = 0.5 TFLOP per image, forward only) is therefore excluded from
+every number below.
+
+The step reuses the Q-Former's cross-attention keys / values of each image across ITC, ITM and ITG (the model's
+default, `reuse_image_key_values=True`): they are projected from B images per step instead of 5B (ITC B, ITM 3B,
+ITG B). `--compare-reuse` measures that step against the old one (`reuse_image_key_values=False`) instead: every
+round runs one step of each (precision, reuse) pair in the same process, in an order flipped every other round, after
+`--warmup` untimed rounds; it reports the median step of each, the ratio reuse / old per precision and the bf16 / fp32
+speed ratio, after checking that both paths give the same loss.
 
 Reported per precision (fp32, and bf16 = `torch.autocast(dtype=torch.bfloat16)`): the median step time, samples/s,
 and the achieved GFLOP/s from an analytic count of the step's matmul FLOPs (`step_flops`, cross-checked against
@@ -25,6 +33,8 @@ rather than spinning OpenMP threads (`OMP_WAIT_POLICY=PASSIVE` unless set), glib
 
     python benchmarks/bench_stage1.py --repeats 5
     python benchmarks/bench_stage1.py --device cuda --batch-size 32
+    python benchmarks/bench_stage1.py --device cuda --batch-size 32 --compare-reuse --warmup 2 --repeats 10
+    python benchmarks/bench_stage1.py --quick --compare-reuse      # tiny sizes: checks the code path only (tests/)
 """
 
 import argparse
@@ -32,8 +42,10 @@ import ctypes
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 # Read by OpenMP when torch loads it. Idle OpenMP threads spin by default, which collapses throughput (8x measured
@@ -46,17 +58,84 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from vlbridge import QFormerForImageTextPretraining, QFormerPretrainingConfig  # noqa: E402
 
 
-HIDDEN, LAYERS, HEADS, INTERMEDIATE, QUERIES, FREQUENCY = 768, 12, 12, 3072, 32, 2
-FEATURES, VISION_WIDTH, TEXT_LENGTH, VOCAB, EMBED_DIM = 257, 1408, 32, 30523, 256
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import time_rounds  # noqa: E402
+
+
 ITM_PAIRS = 3  # ITM runs B positives, B texts with a hard negative image and B images with a hard negative text
+# Rows of image features whose cross-attention keys / values a step projects, per image of the batch: once with
+# reuse, else ITC (1) + ITM (3) + ITG (1).
+KEY_VALUE_ROWS = {True: 1, False: 1 + ITM_PAIRS + 1}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Q-Former, image-feature and text sizes of the benchmarked step."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    queries: int
+    frequency: int  # cross-attention every `frequency` layers
+    features: int  # image features per image (P)
+    vision_width: int  # their width (Dv)
+    text_length: int
+    vocab: int
+    embed_dim: int
+    batch_size: int
+    peak_size: int  # side of the square matmul that measures the peak (CPU; CUDA uses twice this)
+
+    @property
+    def cross_layers(self) -> int:
+        return len(range(0, self.layers, self.frequency))
+
+
+# BLIP-2's Q-Former on ViT-g/14 features at 224 px.
+FULL = Sizes(
+    hidden=768,
+    layers=12,
+    heads=12,
+    intermediate=3072,
+    queries=32,
+    frequency=2,
+    features=257,
+    vision_width=1408,
+    text_length=32,
+    vocab=30523,
+    embed_dim=256,
+    batch_size=8,
+    peak_size=4096,
+)
+QUICK = Sizes(
+    hidden=32,
+    layers=4,
+    heads=4,
+    intermediate=64,
+    queries=4,
+    frequency=2,
+    features=17,
+    vision_width=48,
+    text_length=8,
+    vocab=128,
+    embed_dim=16,
+    batch_size=4,
+    peak_size=128,
+)
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--text-length", type=int, default=TEXT_LENGTH)
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per precision")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per precision")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: checks the code path only")
+    parser.add_argument(
+        "--compare-reuse",
+        action="store_true",
+        help="time the step with the cross-attention keys / values reused against the old step, per precision",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="8 (quick: 4)")
+    parser.add_argument("--text-length", type=int, default=None, help="32 (quick: 8)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (5; quick 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU); default: torch's")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
@@ -106,58 +185,59 @@ def matmul_peak_gflops(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> fl
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / statistics.median(times) / 1e9
 
 
-def step_flops(batch_size: int, text_length: int = TEXT_LENGTH) -> dict[str, float]:
+def step_flops(sizes: Sizes, batch_size: int, text_length: int, reuse: bool = True) -> dict[str, float]:
     """
-    Matmul FLOPs of one training step, counted analytically, per part (element-wise ops, the optimizer and the
-    embedding lookups do no matmul and are not counted).
+    Matmul FLOPs of one training step, counted analytically, per part (element-wise ops, the optimizer, the embedding
+    lookups and the row gathers of reused keys / values do no matmul and are not counted).
 
     One Q-Former pass over `n` sequences of `L = Q + T` tokens (`P` image features of width `Dv`, hidden `H`, FFN
     `I`; SDPA computes the whole `L x L` score matrix whatever the mask) costs, in multiply-accumulates (MACs):
 
         every layer:        n * (4 L H^2  +  2 L^2 H  +  2 L H I)      q/k/v/out projections, QK^T and AV, FFN
         every cross layer:  n * (2 Q H^2  +  2 Q P H)                  query and output projections, attention
-                            n * 2 P Dv H                                image key / value projections
+                            m * 2 P Dv H                                image key / value projections
 
-    The passes: ITC (one unimodal pass, n = B), ITM (n = 3B, bidirectional), ITG (n = B, multimodal-causal). Heads:
-    `vision_proj` (B Q H E) and `text_proj` (B H E) plus the two query-text similarities (2 B^2 Q E) for ITC,
-    `itm_head` (3B Q H 2), and for ITG `lm_head`'s dense layer (B T H^2) and its decoder over the vocabulary
-    (B T H V). FLOPs = 2 MACs. Backward repeats each matmul twice (input and weight gradients), so a step is
-    3 x forward, except the image key / value projections, whose input (frozen image features) needs no
+    The passes: ITC (one unimodal pass, n = B), ITM (n = 3B, bidirectional), ITG (n = B, multimodal-causal). The
+    image key / value projections run on m = B images per step when they are reused (`reuse`), else on the images of
+    every pass, m = 5B. Heads: `vision_proj` (B Q H E) and `text_proj` (B H E) plus the two query-text similarities
+    (2 B^2 Q E) for ITC, `itm_head` (3B Q H 2), and for ITG `lm_head`'s dense layer (B T H^2) and its decoder over
+    the vocabulary (B T H V). FLOPs = 2 MACs. Backward repeats each matmul twice (input and weight gradients), so a
+    step is 3 x forward, except the image key / value projections, whose input (frozen image features) needs no
     gradient: 2 x forward there.
     """
-    n_text, hidden, width = text_length, HIDDEN, VISION_WIDTH
-    length = QUERIES + n_text
-    cross_layers = len(range(0, LAYERS, FREQUENCY))
+    hidden, queries, length = sizes.hidden, sizes.queries, sizes.queries + text_length
 
-    def qformer_pass(sequences: int) -> tuple[int, int]:
-        per_layer = 4 * length * hidden**2 + 2 * length**2 * hidden + 2 * length * hidden * INTERMEDIATE
-        cross = 2 * QUERIES * hidden**2 + 2 * QUERIES * FEATURES * hidden
-        key_value = 2 * FEATURES * width * hidden
-        return sequences * (LAYERS * per_layer + cross_layers * cross), sequences * cross_layers * key_value
+    def qformer_pass(sequences: int) -> int:
+        per_layer = 4 * length * hidden**2 + 2 * length**2 * hidden + 2 * length * hidden * sizes.intermediate
+        cross = 2 * queries * hidden**2 + 2 * queries * sizes.features * hidden
+        return sequences * (sizes.layers * per_layer + sizes.cross_layers * cross)
 
     b = batch_size
-    parts = {}  # name: (MACs whose input needs a gradient, MACs whose input does not)
-    itc, itc_kv = qformer_pass(b)
-    parts["ITC Q-Former pass"] = (itc, itc_kv)
-    parts["ITC heads + similarity"] = (
-        b * QUERIES * hidden * EMBED_DIM + b * hidden * EMBED_DIM + 2 * b * b * QUERIES * EMBED_DIM,
-        0,
-    )
-    itm, itm_kv = qformer_pass(ITM_PAIRS * b)
-    parts["ITM Q-Former pass (3B)"] = (itm + ITM_PAIRS * b * QUERIES * hidden * 2, itm_kv)
-    itg, itg_kv = qformer_pass(b)
-    parts["ITG Q-Former pass"] = (itg, itg_kv)
-    parts["ITG LM head"] = (b * n_text * hidden**2 + b * n_text * hidden * VOCAB, 0)
+    key_value = b * KEY_VALUE_ROWS[reuse] * sizes.cross_layers * 2 * sizes.features * sizes.vision_width * hidden
+    parts = {  # name: (MACs whose input needs a gradient, MACs whose input does not)
+        "image keys / values": (0, key_value),
+        "ITC Q-Former pass": (qformer_pass(b), 0),
+        "ITC heads + similarity": (
+            b * queries * hidden * sizes.embed_dim
+            + b * hidden * sizes.embed_dim
+            + 2 * b * b * queries * sizes.embed_dim,
+            0,
+        ),
+        "ITM Q-Former pass (3B)": (qformer_pass(ITM_PAIRS * b) + ITM_PAIRS * b * queries * hidden * 2, 0),
+        "ITG Q-Former pass": (qformer_pass(b), 0),
+        "ITG LM head": (b * text_length * hidden**2 + b * text_length * hidden * sizes.vocab, 0),
+    }
     return {name: 2 * (3 * grad + 2 * no_grad) for name, (grad, no_grad) in parts.items()}
 
 
-def build_model(device: str, dropout: float | None = None) -> QFormerForImageTextPretraining:
+def build_model(sizes: Sizes, device: str, dropout: float | None = None) -> QFormerForImageTextPretraining:
     rates = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     config = QFormerPretrainingConfig(
-        # A one-layer stand-in of width 1408: it sets the Q-Former's encoder_hidden_size and never runs.
+        # A one-layer stand-in tower of the features' width: it sets the Q-Former's encoder_hidden_size and never
+        # runs (the step reads `vision_features`).
         vision_config={
             "model_type": "clip_vision_model",
-            "hidden_size": VISION_WIDTH,
+            "hidden_size": sizes.vision_width,
             "intermediate_size": 64,
             "num_hidden_layers": 1,
             "num_attention_heads": 16,
@@ -166,24 +246,20 @@ def build_model(device: str, dropout: float | None = None) -> QFormerForImageTex
         },
         qformer_config={
             **rates,
-            "hidden_size": HIDDEN,
-            "num_hidden_layers": LAYERS,
-            "num_attention_heads": HEADS,
-            "intermediate_size": INTERMEDIATE,
-            "num_query_tokens": QUERIES,
-            "cross_attention_frequency": FREQUENCY,
-            "vocab_size": VOCAB,
+            "hidden_size": sizes.hidden,
+            "num_hidden_layers": sizes.layers,
+            "num_attention_heads": sizes.heads,
+            "intermediate_size": sizes.intermediate,
+            "num_query_tokens": sizes.queries,
+            "cross_attention_frequency": sizes.frequency,
+            "vocab_size": sizes.vocab,
         },
-        embed_dim=EMBED_DIM,
+        embed_dim=sizes.embed_dim,
+        decoder_start_token_id=sizes.vocab - 1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
-    model = QFormerForImageTextPretraining(config)
-
-    def precomputed_features(pixel_values: torch.Tensor, momentum: bool = False) -> torch.Tensor:
-        return pixel_values  # the "pixels" are the frozen ViT-g's output, (B, 257, 1408)
-
-    model.get_vision_features = precomputed_features
-    return model.to(device).train()
+    return QFormerForImageTextPretraining(config).to(device).train()
 
 
 def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.AdamW:
@@ -192,18 +268,22 @@ def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **flags)
 
 
-def make_inputs(batch_size: int, text_length: int, device: str) -> dict[str, torch.Tensor]:
+def make_inputs(sizes: Sizes, batch_size: int, text_length: int, device: str) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(1, VOCAB, (batch_size, text_length), generator=generator)
+    input_ids = torch.randint(1, sizes.vocab, (batch_size, text_length), generator=generator)
+    features = torch.randn(batch_size, sizes.features, sizes.vision_width, generator=generator)
     return {
-        "pixel_values": torch.randn(batch_size, FEATURES, VISION_WIDTH, generator=generator).to(device),
+        "vision_features": features.to(device),  # the frozen ViT-g's output, (B, 257, 1408)
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids).to(device),
     }
 
 
-def make_step(model, optimizer, inputs: dict, precision: str, phases: dict | None = None) -> Callable[[], float]:
-    """One training step; returns the loss. With `phases`, appends the seconds of forward / backward / optimizer."""
+def make_step(
+    model, optimizer, inputs: dict, precision: str, phases: dict | None = None, reuse: bool | None = None
+) -> Callable[[], float]:
+    """One training step; returns the loss. With `phases`, appends the seconds of forward / backward / optimizer;
+    `reuse` sets `reuse_image_key_values` for the step (`None`: the model's setting)."""
     device = inputs["input_ids"].device.type
 
     def mark(name: str, start: float) -> float:
@@ -216,6 +296,8 @@ def make_step(model, optimizer, inputs: dict, precision: str, phases: dict | Non
 
     def step() -> float:
         start = time.perf_counter()
+        if reuse is not None:
+            model.config.reuse_image_key_values = reuse
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(**inputs).loss
@@ -322,47 +404,128 @@ def tune_malloc() -> bool:
         return False
 
 
-def main(args: argparse.Namespace):
+def main(args: argparse.Namespace) -> dict:
+    """Runs the benchmark `args` ask for; returns its measurements (for the tests)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     malloc = "glibc default"
     if args.malloc == "tuned" and args.device == "cpu":
         malloc = "glibc, no mmap / trim" if tune_malloc() else "glibc default (mallopt failed)"
+    sizes = QUICK if args.quick else FULL
+    batch_size = args.batch_size or sizes.batch_size
+    text_length = args.text_length or sizes.text_length
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     device = args.device
     precisions = [p.strip() for p in args.precisions.split(",")]
-    model = build_model(device, args.dropout)
+    model = build_model(sizes, device, args.dropout)
     optimizer = make_optimizer(model, args.optimizer)
-    inputs = make_inputs(args.batch_size, args.text_length, device)
+    inputs = make_inputs(sizes, batch_size, text_length, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
-        f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} batch={args.batch_size} "
-        f"text={args.text_length} warmup={args.warmup} repeats={args.repeats} "
+        f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} batch={batch_size} "
+        f"text={text_length} warmup={args.warmup} repeats={repeats} quick={args.quick} "
         f"dropout={model.config.qformer_config.hidden_dropout_prob} "
         f"attention={model.qformer.config._attn_implementation} "
         f"optimizer=AdamW({args.optimizer}) malloc={malloc} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
         f"trainable={trainable / 1e6:.1f}M "
         f"load average={os.getloadavg()[0]:.2f}"
     )
-    print(f"image features: precomputed ({args.batch_size}, {FEATURES}, {VISION_WIDTH}); the frozen ViT-g is excluded")
+    print(
+        f"image features: precomputed ({batch_size}, {sizes.features}, {sizes.vision_width}) passed as "
+        "vision_features; the frozen ViT-g is excluded"
+    )
 
-    parts = step_flops(args.batch_size, args.text_length)
-    flops = sum(parts.values())
-    print(f"analytic matmul FLOPs per step: {flops / 1e9:.1f} GFLOP")
-    for name, value in parts.items():
-        print(f"  {name:<24} {value / 1e9:8.1f} GFLOP ({100 * value / flops:4.1f}%)")
+    flops = {}
+    for reuse in (True, False):
+        parts = step_flops(sizes, batch_size, text_length, reuse)
+        flops[reuse] = sum(parts.values())
+        label = "reused keys / values (default)" if reuse else "keys / values projected in every pass (old)"
+        print(f"analytic matmul FLOPs per step, {label}: {flops[reuse] / 1e9:.3f} GFLOP")
+        for name, value in parts.items():
+            print(f"  {name:<24} {value / 1e9:8.3f} GFLOP ({100 * value / flops[reuse]:4.1f}%)")
 
+    result = {"flops": flops}
     if not args.no_flop_check:
-        # One fp32 step (forward + backward + optimizer) under the counter; it also warms the model up.
-        counted, by_op = counted_flops(make_step(model, optimizer, inputs, "fp32"))
-        ops = ", ".join(f"{op} {n / 1e9:.1f}" for op, n in sorted(by_op.items(), key=lambda item: -item[1]))
-        print(
-            f"FlopCounterMode on one step: {counted / 1e9:.1f} GFLOP ({ops}); analytic {flops / 1e9:.1f} GFLOP; "
-            f"analytic / counted = {flops / counted:.4f}"
-        )
+        # One fp32 step (forward + backward + optimizer) of each path under the counter; it also warms the model up.
+        result["counted_flops"] = {}
+        for reuse in (True, False):
+            counted, by_op = counted_flops(make_step(model, optimizer, inputs, "fp32", reuse=reuse))
+            ops = ", ".join(f"{op} {n / 1e9:.3f}" for op, n in sorted(by_op.items(), key=lambda item: -item[1]))
+            print(
+                f"FlopCounterMode on one step ({'reuse' if reuse else 'old'}): {counted / 1e9:.3f} GFLOP ({ops}); "
+                f"analytic {flops[reuse] / 1e9:.3f} GFLOP; analytic / counted = {flops[reuse] / counted:.4f}"
+            )
+            result["counted_flops"][reuse] = counted
+        model.config.reuse_image_key_values = True
+    if args.compare_reuse:
+        result.update(compare_reuse(model, optimizer, inputs, precisions, flops, args.warmup, repeats))
+        return result
+    result.update(measure_against_peak(model, optimizer, inputs, precisions, flops[True], args, sizes, repeats))
+    return result
 
+
+def check_reuse(model, inputs: dict) -> float:
+    """Largest gap between the losses of the two paths on one fp32 forward (the same dropout masks: reuse draws no
+    random numbers); raises when they disagree, so that the timings compare two steps that compute the same."""
+    found = []
+    for reuse in (True, False):
+        model.config.reuse_image_key_values = reuse
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model(**inputs, sampling_seed=0)
+        found.append(torch.stack([out.loss, out.loss_itc, out.loss_itm, out.loss_itg]))
+    gap = float((found[0] - found[1]).abs().max())
+    if gap > 1e-4 * float(found[1].abs().max()):
+        raise RuntimeError(f"The step with reused keys / values gives other losses: {found[0]} against {found[1]}.")
+    return gap
+
+
+def compare_reuse(model, optimizer, inputs, precisions, flops: dict, warmup: int, repeats: int) -> dict:
+    """Median step of every (precision, reuse) pair, timed in interleaved rounds; reuse / old per precision and the
+    bf16 / fp32 speed ratio."""
+    device = inputs["input_ids"].device.type
+    gap = check_reuse(model, inputs)
+    print(f"\nloss gap between the two paths on one fp32 forward: {gap:.2e}")
+    steps = {
+        (precision, reuse): make_step(model, optimizer, inputs, precision, reuse=reuse)
+        for precision in precisions
+        for reuse in (True, False)
+    }
+    calls = {key: (lambda index, step=step: step()) for key, step in steps.items()}  # time_rounds passes the round
+    wall, _, losses = time_rounds(calls, warmup, repeats, device)
+    model.config.reuse_image_key_values = True
+    median = {key: statistics.median(times) for key, times in wall.items()}
+    print(f"{warmup} warm-up and {repeats} timed rounds, every (precision, reuse) pair once per round\n")
+    print("| precision | keys / values | median step (s) | min (s) | samples/s | GFLOP/s | reuse / old |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    batch_size = inputs["input_ids"].shape[0]
+    for (precision, reuse), seconds in median.items():
+        ratio = seconds / median[precision, False]
+        print(
+            f"| {precision} | {'reused' if reuse else 'every pass (old)'} | {seconds:.4f} | "
+            f"{min(wall[precision, reuse]):.4f} | {batch_size / seconds:.2f} | {flops[reuse] / seconds / 1e9:.1f} | "
+            f"{ratio:.3f} |"
+        )
+    print()
+    ratios = {precision: median[precision, True] / median[precision, False] for precision in precisions}
+    for precision, ratio in ratios.items():
+        print(f"{precision}: the step with reused keys / values takes {ratio:.3f} x the old step's time")
+    speedups = {}
+    if {"fp32", "bf16"} <= set(precisions):
+        for reuse in (True, False):
+            speedups[reuse] = median["fp32", reuse] / median["bf16", reuse]
+            print(f"bf16 autocast step is {speedups[reuse]:.2f}x faster than fp32 ({'reuse' if reuse else 'old'})")
+    return {"median": median, "ratio": ratios, "bf16_speedup": speedups, "losses": losses, "loss_gap": gap}
+
+
+def measure_against_peak(model, optimizer, inputs, precisions, flops: float, args, sizes: Sizes, repeats: int) -> dict:
+    """The step of every precision against the matmul peak measured right before it, in alternating rounds; the
+    table, and profiles of the precisions that miss `--goal` (or as `--profile` says)."""
+    device = inputs["input_ids"].device.type
+    batch_size = inputs["input_ids"].shape[0]
     # Every round measures, for each precision, the matmul peak and then one step, and alternates the order of the
     # precisions: the ratio step / peak is taken under the same machine load (other processes share the CPU).
-    peak_size = 4096 if device == "cpu" else 8192
+    peak_size = sizes.peak_size if device == "cpu" else 2 * sizes.peak_size
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peak_inputs = {
         p: [torch.randn(peak_size, peak_size, device=device, dtype=dtypes[p]) for _ in "ab"] for p in precisions
@@ -370,7 +533,7 @@ def main(args: argparse.Namespace):
     records = {p: {} for p in precisions}  # precision: {"step", "peak", "forward", ..., "sys", "faults": [per round]}
     steps = {p: make_step(model, optimizer, inputs, p, records[p]) for p in precisions}
     last = {}
-    for index in range(args.warmup + args.repeats):
+    for index in range(args.warmup + repeats):
         for precision in precisions if index % 2 == 0 else precisions[::-1]:
             peak = matmul_peak_gflops(*peak_inputs[precision], repeats=args.peak_repeats)
             usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -399,13 +562,14 @@ def main(args: argparse.Namespace):
         )
     print(f"load average after the runs: {os.getloadavg()[0]:.2f}\n")
 
-    achieved = print_table(records, flops, args.batch_size, args.goal)
+    achieved = print_table(records, flops, batch_size, args.goal)
 
     wanted = {"all": precisions, "none": [], "auto": [p for p in precisions if achieved[p] < args.goal]}[args.profile]
     for precision in wanted:
         print(f"\nprofile of one {precision} step (load {os.getloadavg()[0]:.2f}):")
         peak = matmul_peak_gflops(*peak_inputs[precision], repeats=args.peak_repeats)
         print(profile_step(make_step(model, optimizer, inputs, precision), args.top, flops, peak, device))
+    return {"achieved": achieved, "records": records}
 
 
 def print_table(records: dict, flops: float, batch_size: int, goal: float) -> dict:

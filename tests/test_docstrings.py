@@ -44,6 +44,9 @@ MODULES = [
     "vlbridge.data.synthetic_interleaved",
     "vlbridge.trainers.interleaved",
     "vlbridge.evaluation.few_shot",
+    "vlbridge.modeling.vision_features",
+    "vlbridge.data.feature_cache",
+    "vlbridge.scripts.cache_features",
 ]
 
 

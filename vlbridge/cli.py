@@ -12,6 +12,7 @@ demo or the checkpoint helpers.
     vlbridge classify --model outputs/demo/stage1 --labels "a red circle,a blue square" a.png b.png
     vlbridge eval outputs/demo/sft
     vlbridge convert path/to/blip2-checkpoint outputs/blip2-vlbridge
+    vlbridge cache-features --model outputs/demo/stage2 --dataset builtin --out outputs/features
 
 Every command takes `--config FILE`, a YAML of its options (keys are the flag names), and flags that override it;
 the training commands also take the name of a preset shipped in `vlbridge/scripts/presets/` and default to their
@@ -89,13 +90,26 @@ TRAINING_COMMANDS = {
         "preference rows (images, prompt, chosen, rejected)",
     ),
 }
-# Scripts that are no training run (no default preset): command -> (one-line help, example).
+# Scripts that are no training run (no default preset): command -> (one-line help, example). The script is
+# `vlbridge.scripts.<command>`, with `-` as `_` (`script_module`).
 SCRIPT_COMMANDS = {
     "capfilt": (
         "BLIP's CapFilt: caption every image, keep the web and synthetic captions the ITM filter accepts.",
         "vlbridge capfilt --captioner outputs/demo/stage1 --filter outputs/demo/stage1 --output_dir outputs/capfilt",
     ),
+    "cache-features": (
+        "Run a frozen vision tower once over a dataset and store its features, to train with --vision_features.",
+        "vlbridge cache-features --model outputs/my-vlm --dataset builtin --out outputs/my-vlm-features\n"
+        "  vlbridge stage2 --model_name_or_path outputs/my-vlm --vision_features outputs/my-vlm-features",
+    ),
 }
+
+
+def script_module(command: str) -> str:
+    """The module of `vlbridge.scripts` behind a command: its name, `-` written `_` (`cache-features`)."""
+    return command.replace("-", "_")
+
+
 # Earlier command lines, still accepted for one release: `vlbridge pretrain`, `vlbridge train --stage NAME`.
 RENAMED_COMMANDS = {"pretrain": "stage1"}
 RENAMED_STAGES = {"stage2": "stage2", "sft": "sft", "sft-trl": "sft_trl", "lora-sft": "lora_sft"}
@@ -130,11 +144,11 @@ def _run_script_command(command: str, argv: list[str], description: str, usage: 
     """Runs `vlbridge.scripts.<command>` on `argv` with its own parser, presented as `vlbridge <command>`."""
     from .scripts.utils import run_script
 
-    parser = importlib.import_module(f"vlbridge.scripts.{command}").make_parser()
+    parser = importlib.import_module(f"vlbridge.scripts.{script_module(command)}").make_parser()
     parser.prog, parser.description, parser.formatter_class = f"vlbridge {command}", description, _HelpFormatter
     if usage is not None:
         parser.usage = usage
-    run_script(command, argv, parser)
+    run_script(script_module(command), argv, parser)
     return 0
 
 

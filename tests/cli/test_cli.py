@@ -43,6 +43,7 @@ def run_main(argv: list[str]) -> int:
         (["lora_sft"], "LoRA SFT"),
         (["dpo"], "preference"),
         (["capfilt"], "CapFilt"),
+        (["cache-features"], "frozen vision tower"),
         (["caption"], "captions of images"),
         (["retrieve"], "every image against every text"),
         (["classify"], "every image against every label"),

@@ -190,7 +190,8 @@ def check_vlbridge(argv: list[str]) -> None:
         parse_script_flags(importlib.import_module(f"vlbridge.scripts.{argv[0]}").make_parser(), rest)
         return
     if argv and argv[0] in cli.SCRIPT_COMMANDS:
-        parse_script_flags(importlib.import_module(f"vlbridge.scripts.{argv[0]}").make_parser(), argv[1:])
+        script = importlib.import_module(f"vlbridge.scripts.{cli.script_module(argv[0])}")
+        parse_script_flags(script.make_parser(), argv[1:])
         return
     parser = cli.build_parser()
     with argparse_errors():

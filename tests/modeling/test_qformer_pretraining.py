@@ -327,7 +327,9 @@ def test_hardness_zero_draws_negatives_uniformly_and_one_prefers_similar():
 
 def test_itm_pairs_layout_through_the_model(monkeypatch):
     image_ids = [4, 4, 9, 6]
-    model = make_model(itg_weight=0).train()
+    # The pairs' images as features: the path without key / value reuse (its pair layout is checked in
+    # test_stage1_kv_reuse.py).
+    model = make_model(itg_weight=0, reuse_image_key_values=False).train()
     batch = make_batch(image_ids=image_ids)
     positives = losses.positive_mask(BATCH, BATCH, 0, batch["image_ids"], batch["image_ids"])
     captured = {}

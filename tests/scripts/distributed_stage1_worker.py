@@ -6,12 +6,15 @@
 Trains a tiny ViT + Q-Former from scratch (dropout off) with [`Stage1Trainer`] on the built-in synthetic data, logging
 every step. The main process writes the log history and, for every optimizer step, the image ids of the global batch
 in the order the loss sees them and the ITM sampling seed, so that the test can check that the runs it compares saw
-the same data and drew the same negatives.
+the same data and drew the same negatives. Before training, every process also runs one step on its own batch with
+the cross-attention keys / values reused and without (`reuse_image_key_values`), and the largest gaps between the two
+(losses, gradients) over the processes are written too.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import torch
@@ -40,6 +43,24 @@ class RecordingTrainer(Stage1Trainer):
             tokens = self.accelerator.gather(inputs["attention_mask"][:, 1:].sum().reshape(1))
             self.seen.append({"image_ids": ids.tolist(), "seed": self._window_seed, "itg_tokens": tokens.tolist()})
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def reuse_gaps(model, batch: dict, accelerator) -> dict[str, float]:
+    """Largest absolute gaps, over the processes, between one step with the keys / values reused and one without (on
+    copies of `model`): per loss, and over every gradient. Every process runs both steps in the same order, so that
+    their gathers pair up; with several processes the ITM negatives come from other processes too."""
+    results = []
+    for reuse in (True, False):
+        step_model = copy.deepcopy(model)
+        step_model.config.reuse_image_key_values = reuse
+        out = step_model(**batch, sampling_seed=0)
+        out.loss.backward()
+        grads = [p.grad for p in step_model.parameters() if p.grad is not None]
+        results.append(({key: out[key].detach() for key in ("loss", "loss_itc", "loss_itm", "loss_itg")}, grads))
+    (reused, reused_grads), (plain, plain_grads) = results
+    gaps = {key: (reused[key] - plain[key]).abs() for key in reused}
+    gaps["gradients"] = max((a - b).abs().max() for a, b in zip(reused_grads, plain_grads, strict=True))
+    return {key: accelerator.gather(value.reshape(1)).max().item() for key, value in gaps.items()}
 
 
 def build_model(tokenizer) -> QFormerForImageTextPretraining:
@@ -118,11 +139,15 @@ def main(argv: list[str] | None = None) -> dict:
         disable_tqdm=True,
     )
     trainer = RecordingTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator)
+    rank = trainer.args.process_index
+    own_rows = collator([train[i] for i in range(rank * args.batch_size, (rank + 1) * args.batch_size)])
+    gaps = reuse_gaps(model, own_rows, trainer.accelerator)
     trainer.train()
     result = {
         "world_size": trainer.args.world_size,
         "log_history": trainer.state.log_history,
         "steps": trainer.seen,
+        "reuse_gaps": gaps,
     }
     if trainer.is_world_process_zero():
         with open(args.output, "w") as file:

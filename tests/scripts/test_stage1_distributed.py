@@ -76,6 +76,11 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
         gaps = [abs(a[key] - b[key]) for a, b in zip(single_logs, double_logs)]
         assert max(gaps) <= TOLERANCE, (key, gaps)
 
+    # Reusing the cross-attention keys / values gives the losses and gradients of projecting them in every pass, in
+    # one process (ITM's negatives index the batch's keys / values) and in two (other processes' negatives projected).
+    for result in (single, double):
+        assert max(result["reuse_gaps"].values()) <= TOLERANCE, result["reuse_gaps"]
+
     # The curve must move: a broken update (no gradient through DDP, zero learning rate) would keep it flat.
     first, last = single_logs[0], single_logs[-1]
     assert last["loss"] < 0.7 * first["loss"], [entry["loss"] for entry in single_logs]

@@ -68,6 +68,12 @@ class QFormerPretrainingConfig(PreTrainedConfig):
             Standard deviation of the normal initialisation of the projections and heads.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Tie the ITG decoder to the Q-Former's word embeddings (as BERT's LM head is).
+        reuse_image_key_values (`bool`, *optional*, defaults to `True`):
+            Project the Q-Former's cross-attention keys / values of each image once per training step and share them
+            between the ITC, ITM and ITG passes (ITM's pairs index them), instead of projecting the image features
+            in every pass (5 x batch size images per step and cross-attention layer). The losses and gradients are
+            the same up to float rounding; `False` is the old path, kept for comparison (`bench_stage1.py
+            --compare-reuse`).
         zero_shot_use_itm (`bool`, *optional*, defaults to `False`):
             `True`: [`QFormerForZeroShotImageClassification`] (the `zero-shot-image-classification` pipeline)
             re-ranks every label with ITM unless its `forward` gets `use_itm=False`: the scores are the ITM "match"
@@ -116,6 +122,7 @@ class QFormerPretrainingConfig(PreTrainedConfig):
     alpha_warmup_steps: int = 0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    reuse_image_key_values: bool = True
     zero_shot_use_itm: bool = False
 
     def __post_init__(self, **kwargs):

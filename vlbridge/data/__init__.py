@@ -1,5 +1,6 @@
 """Built-in data, local image-text loaders and in-process tokenizers (no downloads)."""
 
+from .feature_cache import MissingImageFeatures, VisionFeatureCache, image_key, write_feature_cache
 from .local import LoadReport, load_image_text_folder, load_image_text_jsonl, normalize_messages
 from .shards import SkippedImagesCallback, load_image_text_shards
 from .synthetic import (
@@ -30,14 +31,17 @@ __all__ = [
     "END_OF_CHUNK_TOKEN",
     "SPECIAL_TOKENS",
     "LoadReport",
+    "MissingImageFeatures",
     "Scene",
     "SkippedImagesCallback",
+    "VisionFeatureCache",
     "add_caption_noise",
     "build_word_tokenizer",
     "caption_vocabulary",
     "chat_vocabulary",
     "explode_captions",
     "group_captions",
+    "image_key",
     "interleave_pairs",
     "load_image_text_folder",
     "load_image_text_jsonl",
@@ -57,5 +61,6 @@ __all__ = [
     "sample_scene",
     "to_messages",
     "vqa_vocabulary",
+    "write_feature_cache",
     "write_questions",
 ]

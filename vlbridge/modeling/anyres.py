@@ -56,15 +56,14 @@ class AnyResTiles:
                 "original (height, width) of each image, to tell real tiles from padding: pass the processor's "
                 "`image_sizes` along with `pixel_values` (to forward and to generate)."
             )
-        sizes = [(int(h), int(w)) for h, w in torch.as_tensor(image_sizes).reshape(-1, 2).tolist()]
+        tiles = cls._from_sizes(config, image_sizes)
+        sizes = tiles.image_sizes
         if len(sizes) != pixel_values.shape[0]:
             raise ValueError(
                 f"Got image_sizes for {len(sizes)} images but pixel_values for {pixel_values.shape[0]}: pass both "
                 "from the same processor call."
             )
-        pinpoints, tile_size = config.image_grid_pinpoints, config.anyres_tile_size
-        grids = [anyres_tile_grid(size, pinpoints, tile_size) for size in sizes]
-        tiles = cls(grids, sizes, pinpoints, tile_size)
+        tile_size = tiles.tile_size
         most = max(tiles.num_tiles, default=0)
         if most > pixel_values.shape[1] or tuple(pixel_values.shape[-2:]) != (tile_size, tile_size):
             raise ValueError(
@@ -74,6 +73,32 @@ class AnyResTiles:
                 f"{tile_size}}} and image_grid_pinpoints=config.image_grid_pinpoints."
             )
         return tiles
+
+    @classmethod
+    def from_image_sizes(cls, config: BridgeVLMConfig, image_sizes: torch.Tensor, num_real_tiles: int) -> AnyResTiles:
+        """
+        The tiles of images already encoded (cached `vision_features`, `(num_real_tiles, P, Dv)`): counted from
+        `image_sizes` alone, and checked to add up to the `num_real_tiles` rows given.
+        """
+        if config.image_grid_pinpoints is None:
+            raise ValueError(
+                "image_sizes goes with any-res vision_features, but the model's config has image_grid_pinpoints=None: "
+                "drop image_sizes (one row of vision_features per image)."
+            )
+        tiles = cls._from_sizes(config, image_sizes)
+        if sum(tiles.num_tiles) != num_real_tiles:
+            raise ValueError(
+                f"image_sizes {tiles.image_sizes} give {sum(tiles.num_tiles)} tiles ({tiles.num_tiles} per image), "
+                f"but vision_features hold {num_real_tiles} rows: pass the features of every real tile of each image, "
+                "base view first, image after image, as get_vision_features(pixel_values, image_sizes) returns them."
+            )
+        return tiles
+
+    @classmethod
+    def _from_sizes(cls, config: BridgeVLMConfig, image_sizes: torch.Tensor) -> AnyResTiles:
+        sizes = [(int(h), int(w)) for h, w in torch.as_tensor(image_sizes).reshape(-1, 2).tolist()]
+        pinpoints, tile_size = config.image_grid_pinpoints, config.anyres_tile_size
+        return cls([anyres_tile_grid(size, pinpoints, tile_size) for size in sizes], sizes, pinpoints, tile_size)
 
     @property
     def num_tiles(self) -> list[int]:
@@ -151,12 +176,29 @@ def expand_images_for_generation(image_inputs: dict, counts: list[int], expand_s
         counts (`list[int]`): Images per sample.
         expand_size (`int`): Copies of each sample.
     """
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    index = [start + j for start, count in zip(starts, counts) for _ in range(expand_size) for j in range(count)]
+    index = _expanded_image_index(counts, expand_size)
     return {
         key: value.index_select(0, torch.tensor(index, dtype=torch.long, device=value.device))
         for key, value in image_inputs.items()
     }
 
 
-__all__ = ["AnyResTiles", "expand_images_for_generation", "images_per_sample"]
+def expand_tiles_for_generation(
+    features: torch.Tensor, tiles_per_image: list[int], counts: list[int], expand_size: int
+) -> torch.Tensor:
+    """
+    [`expand_images_for_generation`] for rows that are tiles (cached any-res `vision_features`, `(num_real_tiles, P,
+    Dv)`): each image's `tiles_per_image` rows move together.
+    """
+    starts = [sum(tiles_per_image[:i]) for i in range(len(tiles_per_image))]
+    index = [starts[i] + t for i in _expanded_image_index(counts, expand_size) for t in range(tiles_per_image[i])]
+    return features.index_select(0, torch.tensor(index, dtype=torch.long, device=features.device))
+
+
+def _expanded_image_index(counts: list[int], expand_size: int) -> list[int]:
+    """The images of each sample, in order, repeated `expand_size` times sample by sample."""
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [start + j for start, count in zip(starts, counts) for _ in range(expand_size) for j in range(count)]
+
+
+__all__ = ["AnyResTiles", "expand_images_for_generation", "expand_tiles_for_generation", "images_per_sample"]

@@ -351,25 +351,33 @@ class CrossAttentionFusionMixin:
         image_sizes: torch.Tensor | None = None,
         cache=None,
         bridge_tokens: torch.FloatTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
     ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
         """
         Embeds the text (the `<image>` markers keep their own embedding) and makes the gated blocks read the images
-        (or `bridge_tokens` `(num_media, N, Db)`, videos already through the bridge).
+        (or `bridge_tokens` `(num_media, N, Db)`, videos already through the bridge; or `vision_features`, the
+        frozen vision tower's features given instead of `pixel_values`).
 
         Returns:
             `(inputs_embeds, image_tokens)`: `(B, T, embed_dim)` and the bridge's tokens `(num_images, N, Db)`
             (None without images).
         """
-        has_media = pixel_values is not None or bridge_tokens is not None
+        has_media = pixel_values is not None or bridge_tokens is not None or vision_features is not None
         inputs_embeds, markers = self._embed_text(input_ids, inputs_embeds, has_media)  # (B, T, Dt), (B, T)
         image_tokens, media = bridge_tokens, None
-        if pixel_values is not None:
-            pixel_values = check_pixel_values(pixel_values, check_finite=False)  # (num_images, C, H, W)
+        if pixel_values is not None or vision_features is not None:
+            if pixel_values is not None:
+                pixel_values = check_pixel_values(pixel_values, check_finite=False)  # (num_images, C, H, W)
             qformer_input_ids, qformer_attention_mask = self._per_image_qformer_inputs(
                 input_ids, qformer_input_ids, qformer_attention_mask
             )
             image_tokens = self._bridge_outputs(
-                pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes
+                pixel_values,
+                image_attention_mask,
+                qformer_input_ids,
+                qformer_attention_mask,
+                image_sizes,
+                vision_features,
             ).image_tokens  # (num_images, N, Db)
         if image_tokens is not None:
             counts = markers.sum(-1)  # (B,)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .anyres import AnyResTiles, expand_images_for_generation, images_per_sample
+from .anyres import AnyResTiles, expand_images_for_generation, expand_tiles_for_generation, images_per_sample
 from .video import video_bridge_tokens
 
 
@@ -18,7 +18,10 @@ IMAGE_INPUT_KEYS = (
     "qformer_attention_mask",
     "pixel_values_videos",
     "video_num_frames",
+    "vision_features",
 )
+# The image inputs a prompt's images come in: pixels, the frozen vision tower's cached features, or video frames.
+MEDIA_KEYS = ("pixel_values", "vision_features", "pixel_values_videos")
 
 
 class BridgeGenerationMixin:
@@ -46,27 +49,42 @@ class BridgeGenerationMixin:
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # Beam search / num_return_sequences repeat each sample; its images must follow it as a group (the generic
         # per-row repeat_interleave would give a two-image sample's copies the images [a, a] and [b, b]).
-        pixel_values = model_kwargs.get("pixel_values")
-        media = pixel_values if pixel_values is not None else model_kwargs.get("pixel_values_videos")
+        media = next((model_kwargs[key] for key in MEDIA_KEYS if model_kwargs.get(key) is not None), None)
         if expand_size == 1 or media is None or input_ids is None:
             return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
-        num_images, per_tile = media.shape[0], self.config.num_image_tokens
+        tiles = self._anyres_tiles(model_kwargs)
+        # Cached any-res features hold one row per tile, not per image: expanded by tiles below.
+        tile_rows = None
+        if tiles is not None and model_kwargs.get("vision_features") is not None:
+            tile_rows = model_kwargs.pop("vision_features")  # (num_real_tiles, P, Dv)
+        num_images = len(tiles.num_tiles) if tiles is not None else media.shape[0]
         per_image = {
             key: model_kwargs.pop(key)
             for key in IMAGE_INPUT_KEYS
             if isinstance(model_kwargs.get(key), torch.Tensor) and model_kwargs[key].shape[0] == num_images
         }
-        if pixel_values is not None and pixel_values.dim() == 5:  # any-res tiles (a video is one medium)
-            tiles = AnyResTiles.from_inputs(self.config, pixel_values, per_image.get("image_sizes"))
-            tokens_per_image = [count * per_tile for count in tiles.num_tiles]
-        else:
-            tokens_per_image = [per_tile] * num_images
+        per_tile = self.config.num_image_tokens
+        tokens_per_image = [count * per_tile for count in tiles.num_tiles] if tiles else [per_tile] * num_images
         counts = images_per_sample(input_ids, self.config.image_token_id, tokens_per_image)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
         model_kwargs.update(expand_images_for_generation(per_image, counts, expand_size))
+        if tile_rows is not None:
+            expanded = expand_tiles_for_generation(tile_rows, tiles.num_tiles, counts, expand_size)
+            model_kwargs["vision_features"] = expanded  # (num_real_tiles * expand_size, P, Dv)
         return input_ids, model_kwargs
+
+    def _anyres_tiles(self, model_kwargs: dict) -> AnyResTiles | None:
+        """The any-res tiles of `generate`'s image inputs (pixels or cached features), None without any-res (a
+        video is one medium)."""
+        pixel_values, features = model_kwargs.get("pixel_values"), model_kwargs.get("vision_features")
+        image_sizes = model_kwargs.get("image_sizes")
+        if pixel_values is not None and pixel_values.dim() == 5:
+            return AnyResTiles.from_inputs(self.config, pixel_values, image_sizes)
+        if features is not None and image_sizes is not None:
+            return AnyResTiles.from_image_sizes(self.config, image_sizes, features.shape[0])
+        return None
 
     def _prepare_text_encoder_decoder_kwargs_for_generation(
         self, inputs_tensor, model_kwargs, model_input_name, generation_config

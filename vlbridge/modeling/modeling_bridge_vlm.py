@@ -18,9 +18,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import logging
 
 from ..configuration import BridgeVLMConfig
-from .anyres import AnyResTiles
 from .attention_support import AttentionSupportMixin
-from .bridge_utils import check_pixel_values, vision_tower_features
+from .bridge_utils import check_pixel_values
 from .compat import CACHE_KEY
 from .freezing import FreezingMixin
 from .from_pretrained_parts import from_vision_text_pretrained
@@ -36,6 +35,7 @@ from .outputs import BridgeModelOutput, BridgeVLMModelOutput, BridgeVLMOutput
 from .qformer_features import BridgeFeaturesMixin
 from .saving import SelfDescribingMixin, push_to_hub_with_processor
 from .video import video_bridge_tokens
+from .vision_features import VisionFeaturesMixin
 
 
 logger = logging.get_logger(__name__)
@@ -75,7 +75,7 @@ class BridgeVLMPreTrainedModel(AttentionSupportMixin, FreezingMixin, PreTrainedM
             super()._init_weights(module)
 
 
-class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
+class BridgeVLMModel(VisionFeaturesMixin, CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
     r"""
     Vision tower, bridge, language projection (unless `config.use_language_projection=False`) and language model,
     without a language-modelling head.
@@ -132,32 +132,14 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
             raise AttributeError("Only an encoder-decoder language model has an encoder.")
         return self.language_model.get_encoder()
 
-    def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Runs the vision tower; (num_images, C, H, W) -> (num_images, P, Dv), with the configured selection."""
-        features = vision_tower_features(self.vision_tower, pixel_values, self.config.vision_feature_layer)
-        if self.config.vision_feature_post_layernorm:
-            features = self._tower_post_layernorm()(features)  # open_clip's ln_post on every token
-        if self.config.vision_feature_select == "patches":
-            features = features[:, self.config.vision_num_prefix_tokens :]  # (num_images, P - prefix, Dv)
-        return features
-
-    def _tower_post_layernorm(self) -> nn.Module:
-        tower = self.vision_tower
-        layernorm = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
-        if layernorm is None:
-            raise ValueError(
-                f"vision_feature_post_layernorm=True applies the vision tower's `post_layernorm`, which "
-                f"{type(tower).__name__} does not have: set vision_feature_post_layernorm=False."
-            )
-        return layernorm
-
     def get_image_features(
         self,
-        pixel_values: torch.FloatTensor,
+        pixel_values: torch.FloatTensor | None = None,
         image_attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> torch.FloatTensor:
         """
@@ -179,6 +161,9 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
                 Padding mask of `qformer_input_ids`.
             image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
                 Any-res only: each image's original `(height, width)`, from which its tile count is derived.
+            vision_features (`torch.FloatTensor` of shape `(num_images, P, Dv)`, *optional*):
+                Instead of `pixel_values`: the vision tower's features from [`get_vision_features`] (or a
+                `VisionFeatureCache`), for a frozen tower. Any-res: `(num_real_tiles, P, Dv)` with `image_sizes`.
 
         Returns:
             `torch.FloatTensor` of shape `(num_images, num_image_tokens, embed_dim)`, in the language projection's
@@ -189,27 +174,32 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
             `TypeError` / `ValueError`: for pixel values no processor made (integer dtypes, NaN / inf, a list of
             tensors of different shapes; a list of one shape is stacked), see [`check_pixel_values`].
         """
+        if pixel_values is not None:
+            pixel_values = check_pixel_values(pixel_values, check_finite=False)
         return self._image_features(
-            check_pixel_values(pixel_values, check_finite=False),
+            pixel_values,
             image_attention_mask,
             qformer_input_ids,
             qformer_attention_mask,
             image_sizes,
+            vision_features=vision_features,
         )
 
     def get_bridge_outputs(
         self,
-        pixel_values: torch.FloatTensor,
+        pixel_values: torch.FloatTensor | None = None,
         image_attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
     ) -> BridgeModelOutput:
         """[`get_image_features`] (same arguments) before the language projection: the bridge's output, whose
         `image_tokens` are `(num_images, num_image_tokens, bridge_hidden_size)`, in the bridge's fp32."""
-        pixel_values = check_pixel_values(pixel_values, check_finite=False)
+        if pixel_values is not None:
+            pixel_values = check_pixel_values(pixel_values, check_finite=False)
         return self._bridge_outputs(
-            pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes
+            pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes, vision_features
         )
 
     def _image_features(self, pixel_values, *args, **kwargs) -> torch.FloatTensor:
@@ -218,28 +208,21 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
         return project_image_tokens(self.language_projection, image_tokens, text_dtype)  # (num_images, N, Dt)
 
     def _bridge_outputs(
-        self, pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes
+        self,
+        pixel_values,
+        image_attention_mask,
+        qformer_input_ids,
+        qformer_attention_mask,
+        image_sizes,
+        vision_features=None,
     ) -> BridgeModelOutput:
-        """`get_bridge_outputs` on pixel values already stacked and type-checked; looks for NaN / inf itself."""
-        tiles = None
-        if pixel_values.dim() == 5:
-            if image_attention_mask is not None:
-                raise ValueError(
-                    "image_attention_mask is not taken with any-res pixel_values: the model masks padding tiles and "
-                    "padded features itself from image_sizes (config.anyres_mask_padding)."
-                )
-            tiles = AnyResTiles.from_inputs(self.config, pixel_values, image_sizes)
-            pixel_values = tiles.select(pixel_values)  # (num_real_tiles, C, H, W)
+        """`get_bridge_outputs` on pixel values already stacked and type-checked (looks for NaN / inf itself), or on
+        `vision_features`."""
+        # (num_images or num_real_tiles, P, Dv); tiles: None without any-res
+        image_embeds, tiles = self._encode_images(pixel_values, vision_features, image_sizes, image_attention_mask)
+        if tiles is not None:
             qformer_input_ids = tiles.per_tile(qformer_input_ids)
             qformer_attention_mask = tiles.per_tile(qformer_attention_mask)
-        elif image_sizes is not None:
-            raise ValueError(
-                "image_sizes goes with any-res pixel_values of shape (num_images, max_tiles, C, H, W), got "
-                f"{tuple(pixel_values.shape)}: drop image_sizes, or use BridgeAnyResImageProcessor."
-            )
-        # After tile selection: padding tiles are never encoded, so only the real ones must be finite.
-        pixel_values = check_pixel_values(pixel_values)  # (num_images or num_real_tiles, C, H, W)
-        image_embeds = self._vision_features(pixel_values)  # (num_images, P, Dv)
         if tiles is not None and self.config.anyres_mask_padding:
             image_attention_mask = tiles.feature_mask(
                 image_embeds.shape[1],
@@ -287,16 +270,18 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
         qformer_attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         bridge_tokens: torch.FloatTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
     ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
         """
         Embeds `input_ids` and scatters the image tokens into the `<image>` placeholder positions. `bridge_tokens`
-        `(num_media, N, Db)` (videos, see `video.py`) stand for `pixel_values` when given.
+        `(num_media, N, Db)` (videos, see `video.py`) or `vision_features` (see [`get_vision_features`]) stand for
+        `pixel_values` when given.
 
         Returns:
             `(inputs_embeds, image_features)`: `(batch_size, sequence_length, embed_dim)` and
             `(num_images, num_image_tokens, embed_dim)` (any-res: `(num_real_tiles, ...)`; None without images).
         """
-        has_media = pixel_values is not None or bridge_tokens is not None
+        has_media = pixel_values is not None or bridge_tokens is not None or vision_features is not None
         inputs_embeds, placeholder_mask = self._embed_text(input_ids, inputs_embeds, has_media)  # (B, T, Dt), (B, T)
         if not has_media:
             if placeholder_mask.any():
@@ -310,14 +295,22 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
             text_dtype = self.get_input_embeddings().weight.dtype
             image_features = project_image_tokens(self.language_projection, bridge_tokens, text_dtype)
         else:
-            # A list is stacked before `.dim()` below; NaN / inf are looked for in `_image_features`, on real tiles.
-            pixel_values = check_pixel_values(pixel_values, check_finite=False)  # (num_images, C, H, W) or 5-D
-            anyres_images = pixel_values.shape[0] if pixel_values.dim() == 5 else None
+            if pixel_values is not None:
+                # A list is stacked before `.dim()`; NaN / inf are looked for in `_image_features`, on real tiles.
+                pixel_values = check_pixel_values(pixel_values, check_finite=False)  # (num_images, C, H, W) or 5-D
+                anyres_images = pixel_values.shape[0] if pixel_values.dim() == 5 else None
+            elif image_sizes is not None:  # any-res vision_features: (num_real_tiles, P, Dv) with image_sizes
+                anyres_images = len(image_sizes)
             qformer_input_ids, qformer_attention_mask = self._per_image_qformer_inputs(
                 input_ids, qformer_input_ids, qformer_attention_mask, anyres_images
             )
             image_features = self._image_features(
-                pixel_values, image_attention_mask, qformer_input_ids, qformer_attention_mask, image_sizes=image_sizes
+                pixel_values,
+                image_attention_mask,
+                qformer_input_ids,
+                qformer_attention_mask,
+                image_sizes=image_sizes,
+                vision_features=vision_features,
             )
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         num_tokens, num_features = int(placeholder_mask.sum()), image_features.shape[0] * image_features.shape[1]
@@ -410,6 +403,7 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        vision_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> BridgeVLMModelOutput:
         r"""
@@ -421,6 +415,10 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
                 included). Any-res: `(num_images, max_tiles, num_channels, height, width)`, with `image_sizes`.
             image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
                 Any-res only: each image's original `(height, width)` (see [`BridgeAnyResImageProcessor`]).
+            vision_features (`torch.FloatTensor` of shape `(num_images, P, Dv)`, *optional*):
+                Instead of `pixel_values`, for a frozen vision tower: what it gives the bridge, from
+                [`get_vision_features`] or a `VisionFeatureCache` (any-res: `(num_real_tiles, P, Dv)` with
+                `image_sizes`); cast to the tower's dtype, so an fp32 cache gives the same result bit for bit.
             pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, max_frames, C, H, W)`, *optional*):
                 Videos (or multi-crop images), each standing where one `<image>` is, instead of `pixel_values`; needs
                 a Perceiver bridge with `num_frames`, which resamples each video's frames into `num_latents` tokens.
@@ -437,10 +435,10 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
         self._check_sequence_length(input_ids, inputs_embeds, encoder_outputs, kwargs.get(CACHE_KEY))
         video_tokens = None
         if pixel_values_videos is not None:
-            if pixel_values is not None:
+            if pixel_values is not None or vision_features is not None:
                 raise ValueError(
-                    "Pass pixel_values or pixel_values_videos, not both: one batch takes images or videos (each "
-                    "video stands where its <image> is)."
+                    "Pass pixel_values or pixel_values_videos, not both (nor vision_features with videos): one batch "
+                    "takes images or videos (each video stands where its <image> is)."
                 )
             video_tokens = video_bridge_tokens(self, pixel_values_videos, video_num_frames)  # (V, N, Db)
         if self.gated_cross_attention is not None:
@@ -454,6 +452,7 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
                 image_sizes,
                 cache=kwargs.get(CACHE_KEY),
                 bridge_tokens=video_tokens,
+                vision_features=vision_features,
             )
         elif encoder_outputs is None or not self.config.is_encoder_decoder:
             if input_ids is not None or inputs_embeds is not None:
@@ -466,6 +465,7 @@ class BridgeVLMModel(CrossAttentionFusionMixin, BridgeVLMPreTrainedModel):
                     qformer_attention_mask,
                     image_sizes,
                     bridge_tokens=video_tokens,
+                    vision_features=vision_features,
                 )
         lm_kwargs = dict(
             attention_mask=attention_mask,
@@ -642,9 +642,15 @@ class BridgeVLMForConditionalGeneration(
     def get_encoder(self, modality: str | None = None):
         return self.model.get_encoder()
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
+    def get_image_features(self, pixel_values: torch.FloatTensor | None = None, **kwargs) -> torch.FloatTensor:
         """See [`BridgeVLMModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    def get_vision_features(
+        self, pixel_values: torch.FloatTensor, image_sizes: torch.Tensor | None = None
+    ) -> torch.FloatTensor:
+        """See [`BridgeVLMModel.get_vision_features`]."""
+        return self.model.get_vision_features(pixel_values, image_sizes)
 
     def forward(
         self,
@@ -660,6 +666,7 @@ class BridgeVLMForConditionalGeneration(
         video_num_frames: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
+        vision_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> BridgeVLMOutput:
         r"""
@@ -688,6 +695,7 @@ class BridgeVLMForConditionalGeneration(
             image_sizes=image_sizes,
             pixel_values_videos=pixel_values_videos,
             video_num_frames=video_num_frames,
+            vision_features=vision_features,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

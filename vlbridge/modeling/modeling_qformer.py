@@ -6,6 +6,7 @@ transformers `Blip2QFormerModel` or `InstructBlipQFormerModel` checkpoint conver
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,6 +24,60 @@ from .outputs import BridgeModelOutput
 
 
 ATTENTION_MODES = ("bidirectional", "multimodal_causal", "unimodal")
+
+
+@dataclass
+class ImageKeyValues:
+    """
+    The cross-attention keys and values of a batch of image features, projected once by
+    [`QFormerModel.image_key_values`] so that several passes over the same images (stage 1's ITC, ITM and ITG) share
+    them, and one autograd graph, instead of each projecting the features again. Indexing rows gives the keys / values
+    of another batch of the same images (ITM's pairs) without projecting anything.
+
+    Args:
+        layers (`dict[int, tuple[torch.Tensor, torch.Tensor]]`):
+            Index of each cross-attention layer to its `(key, value)`, each of shape
+            `(batch_size, num_heads, num_features, head_dim)`.
+    """
+
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def batch_size(self) -> int:
+        return self._first_key.shape[0]
+
+    @property
+    def num_features(self) -> int:
+        """`P`: image features each row's queries attend to."""
+        return self._first_key.shape[2]
+
+    @property
+    def _first_key(self) -> torch.Tensor:
+        return next(iter(self.layers.values()))[0]  # (B, heads, P, head_dim)
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def index_select(self, rows: torch.LongTensor) -> "ImageKeyValues":
+        """The keys / values of the images `rows` `(N,)`, repeats allowed; gradients flow back to these rows."""
+        rows = torch.as_tensor(rows, device=self._first_key.device)
+        # Advanced indexing rather than `Tensor.index_select`: its backward (a sorted `index_put_`) sums the
+        # gradients of repeated rows in a fixed order on CUDA, where `index_select`'s (atomic `index_add_`) does not.
+        return ImageKeyValues({i: (k[rows], v[rows]) for i, (k, v) in self.layers.items()})
+
+    def __getitem__(self, rows: torch.LongTensor | slice) -> "ImageKeyValues":
+        if isinstance(rows, slice):
+            return ImageKeyValues({i: (k[rows], v[rows]) for i, (k, v) in self.layers.items()})
+        return self.index_select(rows)
+
+    @classmethod
+    def cat(cls, parts: list["ImageKeyValues"]) -> "ImageKeyValues":
+        """The rows of every part, one part after the other (the parts come from the same Q-Former)."""
+        layers = {}
+        for index in parts[0].layers:
+            keys, values = zip(*(part.layers[index] for part in parts))
+            layers[index] = (torch.cat(keys), torch.cat(values))
+        return cls(layers)
 
 
 class QFormerMultiHeadAttention(nn.Module):
@@ -43,23 +98,33 @@ class QFormerMultiHeadAttention(nn.Module):
         self.key = nn.Linear(kv_width, config.hidden_size)
         self.value = nn.Linear(kv_width, config.hidden_size)
 
+    def project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `states` `(B, S, kv_width)`, each `(B, heads, S, head_dim)`."""
+        batch_size, length = states.shape[:2]
+        # view + transpose only: SDPA and matmul accept the strided layout, so no copy is made here.
+        key = self.key(states).view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.value(states).view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+        return key, value
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         key_value_states: torch.Tensor | None = None,
         kv_cache: Cache | None = None,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # key_value: cross-attention keys / values projected beforehand (`QFormerModel.image_key_values`), each
+        # (B, heads, P, head_dim); they replace the projection of `key_value_states`.
         batch_size, length, hidden_size = hidden_states.shape
-        kv_states = hidden_states if key_value_states is None else key_value_states
-        kv_length = kv_states.shape[1]
-
-        # view + transpose only: SDPA and matmul accept the strided layout, so no copy is made here.
         query = self.query(hidden_states).view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
-        key = self.key(kv_states).view(batch_size, kv_length, self.num_heads, self.head_dim).transpose(1, 2)
-        value = self.value(kv_states).view(batch_size, kv_length, self.num_heads, self.head_dim).transpose(1, 2)
-        if kv_cache is not None and key_value_states is None:
+        if key_value is not None:
+            # Projected under the same autocast as this pass in training; the cast only guards a mixed-up caller.
+            key, value = (tensor.to(query.dtype) for tensor in key_value)
+        else:
+            key, value = self.project_key_value(hidden_states if key_value_states is None else key_value_states)
+        if kv_cache is not None and key_value_states is None and key_value is None:
             # Self-attention only: appends this step's keys / values and returns the whole cached sequence's.
             key, value = kv_cache.update(key, value, self.layer_idx)  # (B, heads, S, d)
 
@@ -106,9 +171,12 @@ class QFormerAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         key_value_states: torch.Tensor | None = None,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attention(hidden_states, attention_mask, key_value_states, **kwargs)
+        attn_output, attn_weights = self.attention(
+            hidden_states, attention_mask, key_value_states, key_value=key_value, **kwargs
+        )
         return self.output(attn_output, hidden_states), attn_weights
 
 
@@ -162,10 +230,14 @@ class QFormerLayer(GradientCheckpointingLayer):
         image_attention_mask: torch.Tensor | None = None,
         query_length: int = 0,
         kv_cache: Cache | None = None,
+        image_key: torch.Tensor | None = None,
+        image_value: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        # hidden_states: (B, Q + T, H); image_embeds: (B, P, encoder_hidden_size). The tensors that may need a
-        # gradient are positional so that reentrant gradient checkpointing sees them.
+        # hidden_states: (B, Q + T, H); image_embeds: (B, P, encoder_hidden_size); image_key / image_value: this
+        # layer's cross-attention keys / values projected beforehand, (B, heads, P, head_dim), used instead of
+        # image_embeds. The tensors that may need a gradient are positional so that reentrant gradient checkpointing
+        # sees them (the encoder passes every argument positionally).
         attention_output, self_weights = self.attention(hidden_states, attention_mask, kv_cache=kv_cache, **kwargs)
         cross_weights = None
         if query_length == 0:  # text-only pass
@@ -174,8 +246,9 @@ class QFormerLayer(GradientCheckpointingLayer):
         has_text = attention_output.shape[1] > query_length
         query_output = attention_output[:, :query_length] if has_text else attention_output  # (B, Q, H)
         if self.has_cross_attention:
+            key_value = None if image_key is None else (image_key, image_value)
             query_output, cross_weights = self.crossattention(
-                query_output, image_attention_mask, key_value_states=image_embeds, **kwargs
+                query_output, image_attention_mask, key_value_states=image_embeds, key_value=key_value, **kwargs
             )
         layer_output = self.output_query(self.intermediate_query(query_output), query_output)
         if has_text:
@@ -232,19 +305,26 @@ class QFormerEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         kv_cache: Cache | None = None,
+        image_key_values: ImageKeyValues | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None]:
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         all_cross_attentions = () if output_attentions else None
-        for layer in self.layer:
+        for index, layer in enumerate(self.layer):
+            image_key = image_value = None
+            if image_key_values is not None and layer.has_cross_attention:
+                image_key, image_value = image_key_values.layers[index]  # (B, heads, P, head_dim) each
+            # Positional: reentrant gradient checkpointing only sees (and backpropagates into) positional tensors.
             hidden_states, self_weights, cross_weights = layer(
                 hidden_states,
                 attention_mask,
                 image_embeds,
-                image_attention_mask=image_attention_mask,
-                query_length=query_length,
-                kv_cache=kv_cache,
+                image_attention_mask,
+                query_length,
+                kv_cache,
+                image_key,
+                image_value,
                 **kwargs,
             )
             if output_hidden_states:
@@ -335,6 +415,32 @@ class QFormerModel(QFormerPreTrainedModel):
             raise ValueError("This Q-Former has no text branch (`use_text_input=False`), so no word embeddings.")
         self.embeddings.word_embeddings = value
 
+    def image_key_values(self, image_embeds: torch.Tensor) -> ImageKeyValues:
+        r"""
+        The keys and values every cross-attention layer computes from `image_embeds`, projected once: pass them as
+        `forward(image_key_values=...)` to several passes over the same images (or over rows of them, by indexing:
+        [`ImageKeyValues.index_select`]) instead of `image_embeds`, with the same numbers. Under autocast, call it in
+        the same autocast context as the passes.
+
+        Args:
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, num_features, encoder_hidden_size)`):
+                Image features, as `forward` takes them.
+
+        Returns:
+            [`ImageKeyValues`]: per cross-attention layer, keys and values of shape
+            `(batch_size, num_heads, num_features, head_dim)`.
+        """
+        self._check_image_embeds(image_embeds)
+        dtype = self.embeddings.layernorm.weight.dtype
+        image_embeds = image_embeds.to(self._image_embeds_dtype(image_embeds.device.type, dtype))
+        return ImageKeyValues(
+            {
+                index: layer.crossattention.attention.project_key_value(image_embeds)
+                for index, layer in enumerate(self.encoder.layer)
+                if layer.has_cross_attention
+            }
+        )
+
     def forward(
         self,
         image_embeds: torch.Tensor | None = None,
@@ -347,13 +453,14 @@ class QFormerModel(QFormerPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        image_key_values: ImageKeyValues | None = None,
         **kwargs,
     ) -> BridgeModelOutput | tuple:
         r"""
         Args:
             image_embeds (`torch.FloatTensor` of shape `(batch_size, num_features, encoder_hidden_size)`, *optional*):
-                Image features the queries cross-attend to; required when `use_queries=True`. Cast to the
-                Q-Former's dtype on entry (the bridge stays fp32 inside a bf16 VLM).
+                Image features the queries cross-attend to; `use_queries=True` needs them or `image_key_values`.
+                Cast to the Q-Former's dtype on entry (the bridge stays fp32 inside a bf16 VLM).
             image_attention_mask (`torch.Tensor` of shape `(batch_size, num_features)`, *optional*):
                 1 for valid image features, 0 for padding (e.g. unused any-res tiles).
             input_ids (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
@@ -379,6 +486,9 @@ class QFormerModel(QFormerPreTrainedModel):
                 keys / values of `[queries; text]`. Filled: pass only the new text with `use_queries=False`; it
                 reads the cached queries and text (queries never read text under this mask, so theirs never change)
                 and continues the text positions. `attention_mask` then covers the whole text, cached part included.
+            image_key_values ([`ImageKeyValues`], *optional*):
+                The cross-attention keys / values of the images from [`image_key_values`] (one row per batch row),
+                instead of `image_embeds` (give one of the two): the pass projects nothing from the image.
 
         Returns:
             [`BridgeModelOutput`]: `image_tokens` are the query outputs `(batch_size, num_queries, hidden_size)`
@@ -389,7 +499,9 @@ class QFormerModel(QFormerPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        self._check_inputs(image_embeds, image_attention_mask, input_ids, attention_mask, query_embeds, use_queries)
+        self._check_inputs(
+            image_embeds, image_attention_mask, input_ids, attention_mask, query_embeds, use_queries, image_key_values
+        )
         if attention_mode not in ATTENTION_MODES:
             raise ValueError(f"Unknown attention_mode {attention_mode!r}; expected one of {ATTENTION_MODES}.")
         kv_cache = kwargs.pop(CACHE_KEY, None)
@@ -403,12 +515,13 @@ class QFormerModel(QFormerPreTrainedModel):
         dtype = self.embeddings.layernorm.weight.dtype
         query_length = 0
         if use_queries:
-            batch_size = image_embeds.shape[0]
+            batch_size = image_embeds.shape[0] if image_key_values is None else image_key_values.batch_size
             if query_embeds is None:
                 query_embeds = self.query_tokens.expand(batch_size, -1, -1)  # (B, Q, H)
             query_embeds = query_embeds.to(dtype)
             query_length = query_embeds.shape[1]
-            image_embeds = image_embeds.to(self._image_embeds_dtype(image_embeds.device.type, dtype))
+            if image_embeds is not None:
+                image_embeds = image_embeds.to(self._image_embeds_dtype(image_embeds.device.type, dtype))
 
         text_offset = past_length - self.config.num_query_tokens if past_length else 0  # cached text tokens
         embedding_output = self.embeddings(query_embeds, input_ids, text_offset)  # (B, Q + T, H)
@@ -418,11 +531,14 @@ class QFormerModel(QFormerPreTrainedModel):
             self_mask = self._self_attention_mask(embedding_output, attention_mask, query_length, attention_mode)
         image_mask = None
         if image_attention_mask is not None:
+            image_states = image_embeds
+            if image_states is None:  # the mask's key length comes from `encoder_hidden_states`: the shape suffices
+                image_states = embedding_output.new_empty(batch_size, image_key_values.num_features, 0)
             image_mask = create_bidirectional_mask(
                 config=self.config,
                 inputs_embeds=embedding_output[:, :query_length],
                 attention_mask=image_attention_mask,
-                encoder_hidden_states=image_embeds,
+                encoder_hidden_states=image_states,
             )  # (B, 1, Q, P)
 
         last_hidden_state, hidden_states, attentions, cross_attentions = self.encoder(
@@ -434,6 +550,7 @@ class QFormerModel(QFormerPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             kv_cache=kv_cache,
+            image_key_values=image_key_values,
             **kwargs,
         )
         output = BridgeModelOutput(
@@ -549,6 +666,7 @@ class QFormerModel(QFormerPreTrainedModel):
         attention_mask: torch.Tensor | None,
         query_embeds: torch.Tensor | None,
         use_queries: bool,
+        image_key_values: ImageKeyValues | None = None,
     ):
         """Raise a `ValueError` naming the fix for inputs the Q-Former cannot use, so nothing is silently dropped."""
         if input_ids is not None and not self.config.use_text_input:
@@ -566,28 +684,58 @@ class QFormerModel(QFormerPreTrainedModel):
         if not use_queries:
             if input_ids is None:
                 raise ValueError("use_queries=False leaves neither queries nor text: pass input_ids.")
-            if image_embeds is not None or image_attention_mask is not None or query_embeds is not None:
+            image_inputs = (image_embeds, image_attention_mask, query_embeds, image_key_values)
+            if any(value is not None for value in image_inputs):
                 raise ValueError(
-                    "use_queries=False is a text-only pass, but image_embeds / image_attention_mask / query_embeds "
-                    "were given: only the queries read the image, so drop them or set use_queries=True."
+                    "use_queries=False is a text-only pass, but image_embeds / image_attention_mask / query_embeds / "
+                    "image_key_values were given: only the queries read the image, so drop them or set "
+                    "use_queries=True."
                 )
             return
-        if image_embeds is None:
+        if image_key_values is not None:
+            if image_embeds is not None:
+                raise ValueError(
+                    "Both image_embeds and image_key_values were given: image_key_values already hold what the "
+                    "cross-attention reads from the images, so pass only one of them."
+                )
+            self._check_image_key_values(image_key_values)
+            source, batch_size = "image_key_values", image_key_values.batch_size
+        elif image_embeds is None:
             raise ValueError(
-                "image_embeds are required: the queries cross-attend to them. For a text-only pass set "
-                "use_queries=False."
+                "image_embeds are required: the queries cross-attend to them (or pass image_key_values). For a "
+                "text-only pass set use_queries=False."
             )
+        else:
+            self._check_image_embeds(image_embeds)
+            source, batch_size = "image_embeds", image_embeds.shape[0]
+        for name, tensor in (("input_ids", input_ids), ("query_embeds", query_embeds)):
+            if tensor is not None and tensor.shape[0] != batch_size:
+                raise ValueError(f"{name} has batch size {tensor.shape[0]}, {source} {batch_size}.")
+        if query_embeds is not None and query_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"query_embeds must have width hidden_size={self.config.hidden_size}.")
+
+    def _check_image_embeds(self, image_embeds: torch.Tensor) -> None:
         if image_embeds.dim() != 3 or image_embeds.shape[-1] != self.config.encoder_hidden_size:
             raise ValueError(
                 f"image_embeds must be (batch_size, num_features, {self.config.encoder_hidden_size}) "
                 f"(config.encoder_hidden_size), got {tuple(image_embeds.shape)}."
             )
-        batch_size = image_embeds.shape[0]
-        for name, tensor in (("input_ids", input_ids), ("query_embeds", query_embeds)):
-            if tensor is not None and tensor.shape[0] != batch_size:
-                raise ValueError(f"{name} has batch size {tensor.shape[0]}, image_embeds {batch_size}.")
-        if query_embeds is not None and query_embeds.shape[-1] != self.config.hidden_size:
-            raise ValueError(f"query_embeds must have width hidden_size={self.config.hidden_size}.")
+
+    def _check_image_key_values(self, image_key_values: ImageKeyValues) -> None:
+        """Keys / values from another model (or another layout) would attend silently wrong: refuse them."""
+        expected = [index for index, layer in enumerate(self.encoder.layer) if layer.has_cross_attention]
+        if not isinstance(image_key_values, ImageKeyValues) or sorted(image_key_values.layers) != expected:
+            raise ValueError(
+                f"image_key_values must be the ImageKeyValues of this Q-Former's cross-attention layers {expected} "
+                "(from `QFormerModel.image_key_values`)."
+            )
+        heads, head_dim = self.config.num_attention_heads, self.config.hidden_size // self.config.num_attention_heads
+        for index, (key, value) in image_key_values.layers.items():
+            if key.dim() != 4 or key.shape != value.shape or (key.shape[1], key.shape[3]) != (heads, head_dim):
+                raise ValueError(
+                    f"image_key_values of layer {index} must be (batch_size, {heads}, num_features, {head_dim}) "
+                    f"keys and values, got {tuple(key.shape)} and {tuple(value.shape)}."
+                )
 
 
-__all__ = ["QFormerModel", "QFormerPreTrainedModel"]
+__all__ = ["ImageKeyValues", "QFormerModel", "QFormerPreTrainedModel"]

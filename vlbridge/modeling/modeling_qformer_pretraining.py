@@ -12,6 +12,9 @@ LAVIS, each deliberate:
 - No `ln_vision`: the Q-Former reads the vision tower's output exactly as the stage-2 VLM's bridge does, so the
   trained Q-Former drops into [`BridgeVLMForConditionalGeneration`] ([`load_qformer_into_vlm`]).
 - Optional ALBEF / BLIP momentum distillation (`use_momentum_distillation`), which BLIP-2 itself does not use.
+- The Q-Former's cross-attention keys / values of each image are projected once per step and shared by the ITC, ITM
+  and ITG passes (ITM's pairs index them; `reuse_image_key_values`), where LAVIS projects them in every pass (5B
+  images per step): the same losses and gradients with fewer FLOPs.
 
 The orchestration of the losses and of momentum distillation is shared with BLIP's MED model
 ([`ImageTextPretrainingMixin`] in `stage1_objectives.py`); this module holds what is the Q-Former's: its passes
@@ -32,7 +35,7 @@ from ..configuration.configuration_qformer import QFormerConfig
 from ..configuration.configuration_qformer_pretraining import QFormerPretrainingConfig
 from .bridge_utils import check_pixel_values
 from .freezing import FrozenVisionTowerMixin
-from .modeling_qformer import QFormerModel
+from .modeling_qformer import ImageKeyValues, QFormerModel
 from .qformer_captioning import QFormerCaptioner
 from .qformer_features import QFormerFeaturesMixin
 from .saving import SelfDescribingMixin
@@ -261,27 +264,44 @@ class QFormerForImageTextPretraining(
 
     def compute_itg_logits(
         self,
-        image_embeds: torch.FloatTensor,
+        image_embeds: torch.FloatTensor | None,
         decoder_input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
+        image_key_values: ImageKeyValues | None = None,
     ) -> torch.FloatTensor:
         """Next-token logits `(B, T, vocab_size)` at the text positions of a multimodal-causal pass (text reads every
-        query and the text up to itself; queries read the image, never the text)."""
+        query and the text up to itself; queries read the image, never the text). The images are the vision features
+        `image_embeds` `(B, P, Dv)` or, with `image_embeds=None`, their cross-attention keys / values."""
         hidden = self.qformer(
             image_embeds=image_embeds,
             input_ids=decoder_input_ids,
             attention_mask=attention_mask,
             attention_mode="multimodal_causal",
+            image_key_values=image_key_values,
         ).last_hidden_state
         return self.lm_head(hidden[:, self.config.qformer_config.num_query_tokens :])  # (B, T, V)
 
-    def _unimodal_features(self, image_embeds, input_ids, attention_mask, momentum: bool = False):
+    def _image_key_values(self, image_embeds: torch.FloatTensor) -> ImageKeyValues | None:
+        """The Q-Former's cross-attention keys / values of `image_embeds` `(B, P, Dv)`, projected once per training
+        step for ITC, ITM and ITG (`config.reuse_image_key_values`); `None` makes each pass project its own."""
+        if not self.config.reuse_image_key_values:
+            return None
+        return self.qformer.image_key_values(image_embeds)
+
+    def _unimodal_features(
+        self, image_embeds, input_ids, attention_mask, momentum: bool = False, image_key_values=None
+    ):
         """Image and text ITC embeddings from one `unimodal` pass (queries and text never see each other, which is
-        LAVIS' two separate passes in one)."""
+        LAVIS' two separate passes in one). `image_key_values` (the model's, never the momentum model's) stand in for
+        `image_embeds` (then `None`)."""
         suffix = "_m" if momentum else ""
         qformer, vision_proj, text_proj = (getattr(self, f"{name}{suffix}") for name in MOMENTUM_MODULES)
         hidden = qformer(
-            image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask, attention_mode="unimodal"
+            image_embeds=image_embeds,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            attention_mode="unimodal",
+            image_key_values=image_key_values,
         ).last_hidden_state  # (B, Q + T, H)
         num_queries = self.config.qformer_config.num_query_tokens
         image_feats = F.normalize(vision_proj(hidden[:, :num_queries]), dim=-1)  # (B, Q, E)

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from transformers.utils import ModelOutput
 
 from .bridge_utils import check_pixel_values
+from .modeling_qformer import ImageKeyValues
 from .outputs import BridgeModelOutput
 
 
@@ -67,7 +68,11 @@ class QFormerFeaturesMixin:
         return hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
     def _multimodal_query_output(
-        self, image_embeds: torch.FloatTensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+        self,
+        image_embeds: torch.FloatTensor | None,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        image_key_values: ImageKeyValues | None = None,
     ) -> torch.FloatTensor:
         """Queries and text through the bidirectional mask (ITM); the query outputs `(B, Q, H)`."""
         return self.qformer(
@@ -75,6 +80,7 @@ class QFormerFeaturesMixin:
             input_ids=input_ids,
             attention_mask=attention_mask,
             attention_mode="bidirectional",
+            image_key_values=image_key_values,
         ).image_tokens
 
     def _vision_embeds(self, pixel_values, image_embeds, caller: str) -> torch.FloatTensor:
@@ -106,12 +112,19 @@ class QFormerFeaturesMixin:
         return self._text_features(input_ids, attention_mask)[1]
 
     def compute_itm_logits(
-        self, image_embeds: torch.FloatTensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+        self,
+        image_embeds: torch.FloatTensor | None,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        image_key_values: ImageKeyValues | None = None,
     ) -> torch.FloatTensor:
         """ITM logits `(B, 2)` of the pairs (image `i`, text `i`): `itm_head` on the query outputs of a bidirectional
         queries+text pass (`extract_features(mode="multimodal").multimodal_embeds`), averaged over queries. Index 1
-        is "match" (LAVIS' `compute_itm` score)."""
-        return self.itm_head(self._multimodal_query_output(image_embeds, input_ids, attention_mask)).mean(dim=1)
+        is "match" (LAVIS' `compute_itm` score). The images are the vision features `image_embeds` `(B, P, Dv)`, or,
+        with `image_embeds=None`, their cross-attention keys / values `image_key_values` (stage-1 training's reuse,
+        from `qformer.image_key_values`)."""
+        query_output = self._multimodal_query_output(image_embeds, input_ids, attention_mask, image_key_values)
+        return self.itm_head(query_output).mean(dim=1)
 
     def extract_features(
         self,

@@ -18,8 +18,11 @@ tower the ITM negatives' vision features from other micro-batches come from the 
 misses their (small) ITM gradient.
 
 The window needs only the model's stage-1 hooks (`get_vision_features`, `_unimodal_features`, `_itm_on_pairs`,
-`_itg`, `temp`, `itc_label_smoothing`), so it serves every [`ImageTextPretrainingMixin`] model. A model without ITC
-(`supports_matching` false: BLIP's captioner alone) gets ITG only, each micro-batch weighted by its share of tokens.
+`_itg`, `_image_key_values`, `temp`, `itc_label_smoothing`), so it serves every [`ImageTextPretrainingMixin`] model.
+A model without ITC (`supports_matching` false: BLIP's captioner alone) gets ITG only, each micro-batch weighted by
+its share of tokens. Micro-batches may carry the frozen tower's cached `vision_features` instead of `pixel_values`.
+With shared cross-attention keys / values (the Q-Former's `reuse_image_key_values`), a micro-batch projects its own
+images once for its ITC, ITM and ITG passes, and its ITM negative images (from any micro-batch) once more.
 """
 
 from __future__ import annotations
@@ -70,7 +73,10 @@ def build_accumulation_window(model, batches: list[dict], seed: int) -> Accumula
     ids, masks = [], []
     for batch in batches:
         mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).long()
-        image_embeds = model.get_vision_features(batch["pixel_values"])
+        # Pixels, or the frozen tower's cached features in their place (whichever the collator put in the batch).
+        pixel_values, vision_features = batch.get("pixel_values"), batch.get("vision_features")
+        model._check_image_inputs(pixel_values, vision_features, batch["input_ids"].shape[0])
+        image_embeds = model._step_image_embeds(pixel_values, vision_features)  # (b, P, Dv)
         starts.append(sum(len(e) for e in embeds))
         if model.supports_matching:
             image_feats, text_feat = model._unimodal_features(image_embeds, batch["input_ids"], mask)
@@ -100,20 +106,23 @@ def _splice(window_tensor: torch.Tensor, local: torch.Tensor, start: int) -> tor
 
 
 def windowed_forward(
-    model, window: AccumulationWindow, pixel_values, input_ids, attention_mask, output_class, hardness: float = 1.0
+    model, window: AccumulationWindow, image_embeds, input_ids, attention_mask, output_class, hardness: float = 1.0
 ):
-    """One micro-batch's share of the window's loss (see the module docstring); the logged sub-losses are unscaled."""
+    """One micro-batch's share of the window's loss (see the module docstring); the logged sub-losses are unscaled.
+    `image_embeds` `(B, P, Dv)` are this micro-batch's vision features."""
     config = model.config
     start, batch_size, num_windows = window.starts[window.index], input_ids.shape[0], len(window.starts)
     local = slice(start, start + batch_size)
-    image_embeds = model.get_vision_features(pixel_values)  # (B, P, Dv)
     if window.image_feats is None:  # no ITC / ITM: this micro-batch's token share of the window's ITG loss
         output = output_class(temperature=model.temp.detach().clone())
         output.loss_itg, output.itg_logits = model._itg(image_embeds, input_ids, attention_mask)
         share = itg_token_count(input_ids, attention_mask) / max(window.num_itg_tokens, 1)
         output.loss = config.itg_weight * output.loss_itg * share
         return output
-    image_feats, text_feat = model._unimodal_features(image_embeds, input_ids, attention_mask)
+    # Keys / values projected once for this micro-batch's passes, as in the plain step (None: not shared).
+    image_key_values = model._image_key_values(image_embeds)
+    images, reuse = model._pass_images(image_embeds, image_key_values)
+    image_feats, text_feat = model._unimodal_features(images, input_ids, attention_mask, **reuse)
     # The temperature is shared by every micro-batch: let its gradient through once per window.
     temp = model.temp if window.index == 0 else model.temp.detach()
     image_feats_all = _splice(window.image_feats, image_feats, start)  # (N, Q, E)
@@ -137,17 +146,19 @@ def windowed_forward(
         negative_images = losses.sample_hard_negatives(sim_t2i.detach(), positives, generator, hardness)[local]
         negative_texts = losses.sample_hard_negatives(sim_i2t.detach(), positives, generator, hardness)[local]
         ids, mask = window.input_ids, window.attention_mask
-        output.loss_itm, output.itm_logits, output.itm_labels = model._itm_on_pairs(
-            image_embeds,
-            window.image_embeds[negative_images],
-            ids[local],
-            mask[local],
-            ids[negative_texts],
-            mask[negative_texts],
-        )
+        texts = (ids[local], mask[local], ids[negative_texts], mask[negative_texts])
+        negative_embeds = window.image_embeds[negative_images]  # (B, P, Dv), from the pre-pass (detached)
+        if image_key_values is None:
+            itm = model._itm_on_pairs(image_embeds, negative_embeds, *texts)
+        else:
+            # The negatives come from any micro-batch, as the pre-pass's detached features: projected here, so that
+            # the gradients stay those of the path without reuse (a training tower gets none through them).
+            pairs = model._itm_pair_key_values(image_key_values, negative_embeds=negative_embeds)
+            itm = model._itm_on_pairs(None, None, *texts, pair_key_values=pairs)
+        output.loss_itm, output.itm_logits, output.itm_labels = itm
         weighted.append(config.itm_weight * output.loss_itm * batch_size / window.size)
     if config.itg_weight:
-        output.loss_itg, output.itg_logits = model._itg(image_embeds, input_ids, attention_mask)
+        output.loss_itg, output.itg_logits = model._itg(image_embeds, input_ids, attention_mask, image_key_values)
         share = itg_token_count(input_ids, attention_mask) / max(window.num_itg_tokens, 1)
         weighted.append(config.itg_weight * output.loss_itg * share)
     output.loss = torch.stack(weighted).sum()

@@ -11,6 +11,10 @@ of `stage1_losses.py`. It never looks inside a model: the model provides these h
   L2-normalised ITC image embeddings (`Q` queries for BLIP-2, `Q = 1`, the image `[CLS]`, for BLIP) and text embedding;
 - `compute_itm_logits(image_embeds, input_ids, attention_mask) -> (N, 2)`: ITM logits of pairs (image `i`, text `i`);
 - `compute_itg_logits(image_embeds, decoder_input_ids, attention_mask) -> (B, T, V)`: next-token logits;
+- `_image_key_values(image_embeds)`: the images' cross-attention keys / values, projected once per step and shared by
+  the ITC, ITM and ITG passes, or `None` (the default here, BLIP's) for passes that each read `image_embeds`. When it
+  returns them (an object with `index_select(rows)` and `cat(parts)`, e.g. the Q-Former's [`ImageKeyValues`]), the
+  three pass hooks above get `image_embeds=None, image_key_values=...` instead (ITM's pairs index them);
 - `temp` (the learned temperature), `_momentum_modules` (names that get an EMA copy `<name>_m`; the vision tower's
   copy is added when the model builds `vision_tower_m`), `_num_image_features` (`Q`), `itc_label_smoothing`,
   `supports_matching` / `supports_captioning`, and `_output_class`.
@@ -123,20 +127,21 @@ class ImageTextPretrainingMixin:
 
     def forward(
         self,
-        pixel_values: torch.FloatTensor,
-        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_ids: torch.LongTensor | None = None,
         return_loss: bool = True,
         sampling_seed: int | None = None,
         itm_negative_hardness: float = 1.0,
         accumulation_window: AccumulationWindow | None = None,
+        vision_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> ImageTextPretrainingOutput:
         r"""
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-                One image per caption (repeat an image for each of its captions).
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`, *optional*):
+                One image per caption (repeat an image for each of its captions). Give these or `vision_features`.
             input_ids (`torch.LongTensor` of shape `(batch_size, text_length)`):
                 Captions starting with `[CLS]` / BOS (ITG replaces it with `decoder_start_token_id`, BLIP's ITM with
                 `enc_token_id`).
@@ -159,31 +164,38 @@ class ImageTextPretrainingMixin:
                 Set by [`Stage1Trainer`] under gradient accumulation: the other micro-batches of this optimizer step,
                 so that the accumulated loss and gradients equal those of the larger batch (see
                 `vlbridge.modeling.stage1_accumulation`).
+            vision_features (`torch.FloatTensor` of shape `(batch_size, num_features, hidden_size)`, *optional*):
+                The frozen vision tower's features of the images (`hidden_size` is the tower's), as
+                [`get_vision_features`] returns them (at `config.vision_feature_layer`), e.g. computed once and cached:
+                used instead of running the tower on `pixel_values`, with the same losses. Only for a frozen tower
+                (the features of a training tower go stale).
         """
-        pixel_values = check_pixel_values(pixel_values)  # (B, C, H, W); raises on raw or broken pixels
+        if input_ids is None:
+            raise ValueError("input_ids are required: the captions, tokenized for the model (one per image).")
+        self._check_image_inputs(pixel_values, vision_features, input_ids.shape[0])
         self._clamp_temperature()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.long()
         self._check_objectives(return_loss)
+        image_embeds = self._step_image_embeds(pixel_values, vision_features)  # (B, P, Dv)
         if accumulation_window is not None and return_loss:
             return windowed_forward(
                 self,
                 accumulation_window,
-                pixel_values,
+                image_embeds,
                 input_ids,
                 attention_mask,
                 self._output_class,
                 itm_negative_hardness,
             )
-        image_embeds = self.get_vision_features(pixel_values)  # (B, P, Dv)
         if not self.supports_matching:  # a captioner alone: ITG only (`_check_objectives` refused ITC / ITM)
             output = self._output_class(temperature=self.temp.detach().clone())
             output.loss_itg, output.itg_logits = self._itg(image_embeds, input_ids, attention_mask)
             output.loss = self.config.itg_weight * output.loss_itg
             return output
-        image_feats, text_feat = self._unimodal_features(image_embeds, input_ids, attention_mask)
         if not return_loss:
+            image_feats, text_feat = self._unimodal_features(image_embeds, input_ids, attention_mask)
             sim = losses.query_text_similarity(image_feats, text_feat) / self.temp  # (B, B)
             return self._output_class(
                 logits_per_image=sim,
@@ -193,16 +205,81 @@ class ImageTextPretrainingMixin:
                 temperature=self.temp.detach().clone(),
             )
         return self._pretraining_losses(
-            pixel_values,
-            image_embeds,
-            input_ids,
-            attention_mask,
-            image_feats,
-            text_feat,
-            image_ids,
-            sampling_seed,
-            itm_negative_hardness,
+            pixel_values, image_embeds, input_ids, attention_mask, image_ids, sampling_seed, itm_negative_hardness
         )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Image inputs: pixels or cached vision features; keys / values shared by the passes
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _check_image_inputs(self, pixel_values, vision_features, batch_size: int | None = None) -> None:
+        """Raises a `ValueError` naming the fix unless exactly one of `pixel_values` / `vision_features` is given and
+        `vision_features` fit this model (a frozen tower, its width, one row per caption)."""
+        if (pixel_values is None) == (vision_features is None):
+            given = "both" if pixel_values is not None else "neither"
+            raise ValueError(
+                f"Pass exactly one of pixel_values (the images, from the image processor) and vision_features (the "
+                f"frozen vision tower's features, from get_vision_features); got {given}."
+            )
+        if vision_features is None:
+            return
+        # As in the composite VLM: a tower that trains (while gradients are on) would get no gradient from features
+        # computed beforehand; a momentum tower (only built for a training one) needs the pixels in every step.
+        training_tower = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+        if training_tower or hasattr(self, "vision_tower_m"):
+            raise ValueError(
+                "vision_features stand for the output of a frozen vision tower, but this model trains its tower "
+                "(freeze_vision_tower=False, or tower parameters that require grad): features computed beforehand "
+                "would not follow its updates nor give it gradients. Pass pixel_values, or freeze the tower "
+                "(freeze_vision_tower=True)."
+            )
+        width = self.config.vision_config.hidden_size
+        if not torch.is_tensor(vision_features) or vision_features.dim() != 3 or vision_features.shape[-1] != width:
+            got = tuple(vision_features.shape) if torch.is_tensor(vision_features) else type(vision_features).__name__
+            raise ValueError(
+                f"vision_features must have shape (batch_size, num_features, {width}) (the vision tower's hidden "
+                f"size, which the model reads), got {got}: compute them with get_vision_features(pixel_values), at "
+                "config.vision_feature_layer."
+            )
+        if not vision_features.is_floating_point():
+            raise ValueError(f"vision_features must be floating point, got {vision_features.dtype}.")
+        if batch_size is not None and vision_features.shape[0] != batch_size:
+            raise ValueError(
+                f"vision_features hold {vision_features.shape[0]} images for {batch_size} captions: one image per "
+                "caption (repeat an image's features for each of its captions)."
+            )
+
+    def _step_image_embeds(self, pixel_values, vision_features) -> torch.FloatTensor:
+        """The step's vision features `(B, P, Dv)`: the tower run on `pixel_values`, or `vision_features` on the
+        tower's device and in the dtype it outputs (so that an fp32 cache of an fp32 tower gives bit-identical
+        losses). Inputs checked by `_check_image_inputs`."""
+        if vision_features is None:
+            return self.get_vision_features(check_pixel_values(pixel_values))  # raises on raw or broken pixels
+        return vision_features.to(device=self.vision_tower.device, dtype=self.vision_tower.dtype)
+
+    def _image_key_values(self, image_embeds: torch.FloatTensor):
+        """The cross-attention keys / values of `image_embeds`, projected once for every pass of the step; `None`
+        (here: BLIP's MED, whose passes read `image_embeds`) makes each pass project its own. See the module
+        docstring."""
+        return None
+
+    @staticmethod
+    def _pass_images(image_embeds, image_key_values) -> tuple[torch.Tensor | None, dict]:
+        """How a pass hook reads the step's images: `(image_embeds, {})`, or `(None, {"image_key_values": ...})`
+        when they are shared (hooks of models without keys / values never see the argument)."""
+        if image_key_values is None:
+            return image_embeds, {}
+        return None, {"image_key_values": image_key_values}
+
+    def _itm_pair_key_values(self, image_key_values, negative_rows=None, negative_embeds=None):
+        """Keys / values of ITM's pairs' images `[batch; negatives; batch]` (3B rows): the batch's own rows, and the
+        negatives' by `negative_rows` `(B,)` when they are rows of this batch, else projected from `negative_embeds`
+        `(B, P, Dv)` (other processes' or micro-batches' images: their keys / values are not here)."""
+        if negative_rows is not None:
+            rows = torch.arange(len(image_key_values), device=negative_rows.device)
+            return image_key_values.index_select(torch.cat([rows, negative_rows, rows]))
+        negatives = self._image_key_values(negative_embeds)
+        return image_key_values.cat([image_key_values, negatives, image_key_values])
 
     def _check_objectives(self, return_loss: bool) -> None:
         """Refuses, naming the fix, an objective this model has no part for."""
@@ -217,18 +294,14 @@ class ImageTextPretrainingMixin:
             )
 
     def _pretraining_losses(
-        self,
-        pixel_values,
-        image_embeds,
-        input_ids,
-        attention_mask,
-        image_feats,
-        text_feat,
-        image_ids,
-        sampling_seed,
-        itm_negative_hardness,
+        self, pixel_values, image_embeds, input_ids, attention_mask, image_ids, sampling_seed, itm_negative_hardness
     ) -> ImageTextPretrainingOutput:
         """ITC (with momentum distillation when on), then ITM and ITG, weighted and summed."""
+        # The images' cross-attention keys / values, projected once for the ITC, ITM and ITG passes (None: each pass
+        # projects its own). One autograd graph: the key / value layers get the sum of the three losses' gradients.
+        image_key_values = self._image_key_values(image_embeds)
+        images, reuse = self._pass_images(image_embeds, image_key_values)
+        image_feats, text_feat = self._unimodal_features(images, input_ids, attention_mask, **reuse)
         global_batch = input_ids.shape[0] * losses.world_info()[1]
         image_ids_all = None if image_ids is None else losses.concat_all_gather(image_ids.view(-1))
         if self.uses_momentum_distillation:
@@ -256,11 +329,12 @@ class ImageTextPretrainingMixin:
                 positives[:, :global_batch],
                 sampling_seed,
                 itm_negative_hardness,
+                image_key_values,
             )
             output.itm_accuracy = (output.itm_logits.detach().argmax(-1) == output.itm_labels).float().mean()
             weighted.append(self.config.itm_weight * output.loss_itm)
         if self.config.itg_weight:
-            output.loss_itg, output.itg_logits = self._itg(image_embeds, input_ids, attention_mask)
+            output.loss_itg, output.itg_logits = self._itg(image_embeds, input_ids, attention_mask, image_key_values)
             weighted.append(self.config.itg_weight * output.loss_itg)
         output.loss = torch.stack(weighted).sum()
         return output
@@ -286,9 +360,20 @@ class ImageTextPretrainingMixin:
         loss = losses.contrastive_loss(sim_i2t, sim_t2i, positives, self.itc_label_smoothing)
         return loss, sim_i2t, sim_t2i, positives
 
-    def _itm(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, seed=None, hardness=1.0):
+    def _itm(
+        self,
+        image_embeds,
+        input_ids,
+        attention_mask,
+        sim_i2t,
+        sim_t2i,
+        positives,
+        seed=None,
+        hardness=1.0,
+        image_key_values=None,
+    ):
         """ITM with one hard negative text per image and one hard negative image per text (LAVIS)."""
-        rank, _ = losses.world_info()
+        rank, world_size = losses.world_info()
         batch_size = input_ids.shape[0]
         pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         image_embeds_all = losses.all_gather_with_grad(image_embeds)  # (N, P, Dv)
@@ -304,27 +389,50 @@ class ImageTextPretrainingMixin:
         generator = None if seed is None else torch.Generator(device=sim_i2t.device).manual_seed(seed)
         negative_images = losses.sample_hard_negatives(sim_t2i_all, positives_all, generator, hardness)[local]
         negative_texts = losses.sample_hard_negatives(sim_i2t_all, positives_all, generator, hardness)[local]
-        return self._itm_on_pairs(
-            image_embeds,
-            image_embeds_all[negative_images],
+        texts = (
             input_ids_all[local],
             attention_mask_all[local],
             input_ids_all[negative_texts],
             attention_mask_all[negative_texts],
         )
+        if image_key_values is None:
+            return self._itm_on_pairs(image_embeds, image_embeds_all[negative_images], *texts)
+        if world_size == 1:  # the negatives are rows of this batch: index their keys / values
+            pair_key_values = self._itm_pair_key_values(image_key_values, negative_rows=negative_images)
+        else:
+            # Other processes' negatives: project the gathered features of those B images (gathering their keys /
+            # values instead would move 2 x cross-attention layers x H / Dv times more data).
+            pair_key_values = self._itm_pair_key_values(
+                image_key_values, negative_embeds=image_embeds_all[negative_images]
+            )
+        return self._itm_on_pairs(None, None, *texts, pair_key_values=pair_key_values)
 
-    def _itm_on_pairs(self, image_embeds, negative_images, text_ids, text_mask, negative_text_ids, negative_text_mask):
+    def _itm_on_pairs(
+        self,
+        image_embeds,
+        negative_images,
+        text_ids,
+        text_mask,
+        negative_text_ids,
+        negative_text_mask,
+        pair_key_values=None,
+    ):
         """ITM over LAVIS' 3B pairs: (image, its text) match; (hard negative image, text) and (image, hard negative
-        text) do not. Returns the loss, the logits `(3B, 2)` and the labels."""
-        batch_size = image_embeds.shape[0]
+        text) do not. Returns the loss, the logits `(3B, 2)` and the labels. With `pair_key_values` (the keys /
+        values of the pairs' images `[images; negative images; images]`, see `_itm_pair_key_values`) the images are
+        read from them and `image_embeds` / `negative_images` are unused."""
+        batch_size = text_ids.shape[0]
         texts = torch.cat([text_ids, text_ids, negative_text_ids])  # (3B, T)
         masks = torch.cat([text_mask, text_mask, negative_text_mask])
-        images = torch.cat([image_embeds, negative_images.to(image_embeds.dtype), image_embeds])  # (3B, P, Dv)
-        itm_logits = self.compute_itm_logits(images, texts, masks)  # (3B, 2)
+        if pair_key_values is None:
+            images = torch.cat([image_embeds, negative_images.to(image_embeds.dtype), image_embeds])  # (3B, P, Dv)
+            itm_logits = self.compute_itm_logits(images, texts, masks)  # (3B, 2)
+        else:
+            itm_logits = self.compute_itm_logits(None, texts, masks, image_key_values=pair_key_values)
         itm_labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long().to(itm_logits.device)
         return F.cross_entropy(itm_logits.float(), itm_labels), itm_logits, itm_labels
 
-    def _itg(self, image_embeds, input_ids, attention_mask):
+    def _itg(self, image_embeds, input_ids, attention_mask, image_key_values=None):
         """ITG: `[DEC]` replaces the first token; labels are the ids, -100 on padding."""
         if self.config.decoder_start_token_id is None:
             raise ValueError("ITG needs config.decoder_start_token_id (BLIP-2's [DEC]); set it, or itg_weight=0.")
@@ -332,7 +440,8 @@ class ImageTextPretrainingMixin:
         decoder_input_ids[:, 0] = self.config.decoder_start_token_id
         # Masking by the attention mask rather than by pad id keeps EOS when a tokenizer pads with its EOS token.
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        logits = self.compute_itg_logits(image_embeds, decoder_input_ids, attention_mask)  # (B, T, V)
+        images, reuse = self._pass_images(image_embeds, image_key_values)
+        logits = self.compute_itg_logits(images, decoder_input_ids, attention_mask, **reuse)  # (B, T, V)
         return losses.itg_loss(logits, labels, self.config.label_smoothing), logits
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -427,6 +536,8 @@ class ImageTextPretrainingMixin:
         if self.training:
             self._momentum_update()
         with torch.no_grad():
+            # Only a training tower has a momentum copy, and `vision_features` are refused with one; a frozen tower
+            # is its own momentum copy, so the momentum model reads the step's features (from pixels or a cache).
             image_embeds_m = self.get_vision_features(pixel_values, True) if hasattr(self, "vision_tower_m") else None
             image_embeds_m = image_embeds if image_embeds_m is None else image_embeds_m
             image_feat_m, text_feat_m = self._unimodal_features(image_embeds_m, input_ids, attention_mask, True)

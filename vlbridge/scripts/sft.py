@@ -6,6 +6,8 @@ behind `vlbridge sft` and `examples/sft.py`.
     vlbridge sft --config sft_builtin
     # start from a saved vlbridge checkpoint (model + processor), e.g. a stage-2 model; score held-out VQA
     vlbridge sft --config sft_builtin --model_name_or_path outputs/my-vlm --num_eval_images 50
+    # from the frozen vision tower's cached features (vlbridge cache-features --kind chats, docs/feature_cache.md)
+    vlbridge sft --config sft_builtin --model_name_or_path outputs/my-vlm --vision_features outputs/my-vlm-features
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ from .utils import (
     ChatDataArguments,
     ScriptParser,
     ScriptResult,
+    VisionFeaturesArguments,
     VLMModelArguments,
     builtin_chat_dataset,
     finish_training,
     load_model_and_processor,
+    load_vision_features,
 )
 
 
 @dataclass
-class SFTScriptArguments(ChatDataArguments):
-    """The script's arguments: the chat data (`ChatDataArguments`) and how `ChatCollator` cuts sequences."""
+class SFTScriptArguments(VisionFeaturesArguments, ChatDataArguments):
+    """The script's arguments: the chat data (`ChatDataArguments`), how `ChatCollator` cuts sequences, and
+    optionally a cache of the frozen vision tower's features (`VisionFeaturesArguments`)."""
 
     max_length: int | None = field(default=None, metadata={"help": "Longest sequence in tokens; None never cuts."})
 
@@ -101,7 +106,8 @@ def main(
     train = builtin_chat_dataset(data_args)
     # The collator renders the chat template and masks all but the assistant's answers; it reads the raw columns,
     # so the Trainer must keep them (remove_unused_columns=False).
-    collator = ChatCollator.from_model(model, processor, max_length=collator_args.max_length)
+    cache = load_vision_features(script_args.vision_features, model, processor.image_processor)
+    collator = ChatCollator.from_model(model, processor, max_length=collator_args.max_length, vision_features=cache)
     training_args.remove_unused_columns = False
 
     ################

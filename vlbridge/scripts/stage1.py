@@ -9,6 +9,8 @@ encoder-decoder instead of a Q-Former (ITC + ITM + LM, momentum distillation; do
     vlbridge stage1 --config stage1_builtin --max_steps 20
     # BLIP from scratch on the built-in data (docs/blip.md)
     vlbridge stage1 --config stage1_blip_builtin
+    # a saved stage-1 model with a frozen vision tower, from its cached features (docs/feature_cache.md)
+    vlbridge stage1 --config stage1_builtin --model_name_or_path outputs/stage1 --vision_features outputs/features
 
 It trains, then reports held-out retrieval recall, ITM accuracy and exact greedy captions, and saves the model with
 its tokenizer, image processor and a model card (`stage1_metrics.json` beside them).
@@ -16,6 +18,7 @@ its tokenizer, image processor and a model card (`stage1_metrics.json` beside th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +40,18 @@ from ..modeling import BlipMEDForImageTextPretraining, QFormerForImageTextPretra
 from ..processing import BridgeProcessor
 from ..trainers import ImageTextCollator, Stage1Config, Stage1Trainer
 from ..trainers.distributed import close_process_group
-from .utils import OUTSIDE_PATHS_HELP, ScriptParser, ScriptResult, dataset_help
+from .utils import (
+    OUTSIDE_PATHS_HELP,
+    ScriptParser,
+    ScriptResult,
+    VisionFeaturesArguments,
+    dataset_help,
+    load_vision_features,
+)
 
 
 @dataclass
-class DataArguments:
+class DataArguments(VisionFeaturesArguments):
     dataset: str = field(default="builtin", metadata={"help": dataset_help("captions")})
     allow_outside_paths: bool = field(default=False, metadata={"help": OUTSIDE_PATHS_HELP})
     num_train_images: int = field(default=2000, metadata={"help": "Built-in data: training images."})
@@ -384,11 +394,14 @@ def main(data_args: DataArguments, training_args: Stage1Config, model_args: Mode
         image_processor = image_processor_for(data_args)
         model = build_model(model_args, data_args, tokenizer)
     collator = ImageTextCollator(image_processor, tokenizer, max_length=training_args.max_text_length)
+    # The held-out evaluation below runs the tower on its own images: the cache is for training batches only.
+    cache = load_vision_features(data_args.vision_features, model, image_processor)
+    train_collator = dataclasses.replace(collator, vision_features=cache) if cache is not None else collator
 
     ################
     # Training
     ################
-    trainer = Stage1Trainer(model=model, args=training_args, train_dataset=train, data_collator=collator)
+    trainer = Stage1Trainer(model=model, args=training_args, train_dataset=train, data_collator=train_collator)
     trainer.train()
 
     ################

@@ -10,6 +10,9 @@ behind `vlbridge stage2` and `examples/stage2.py`.
     vlbridge stage2 --config stage2_builtin --from_stage1 outputs/stage1-builtin \
         --lm_text_steps 300 --image_size 48 --max_objects 2
 
+    # from the frozen vision tower's features, cached once (docs/feature_cache.md); the model must be the one cached
+    vlbridge stage2 --config stage2_builtin --model_name_or_path outputs/my-vlm --vision_features outputs/features
+
     # Flamingo: Perceiver + gated cross-attention on interleaved sequences of 8 (image, caption) chunks,
     # "<image>caption<|endofchunk|>...", then held-out captions after 0, 2 and 4 in-context examples
     vlbridge stage2 --config stage2_flamingo_builtin
@@ -35,10 +38,12 @@ from .utils import (
     OUTSIDE_PATHS_HELP,
     ScriptParser,
     ScriptResult,
+    VisionFeaturesArguments,
     VLMModelArguments,
     dataset_help,
     finish_training,
     load_model_and_processor,
+    load_vision_features,
 )
 
 
@@ -156,9 +161,10 @@ def load_captions(data_args: CaptionDataArguments) -> dict:
 
 
 @dataclass
-class Stage2ScriptArguments(Stage2Arguments, CaptionDataArguments):
-    """The script's arguments: the captions ([`CaptionDataArguments`]) and where stage 2 starts from
-    ([`Stage2Arguments`])."""
+class Stage2ScriptArguments(VisionFeaturesArguments, Stage2Arguments, CaptionDataArguments):
+    """The script's arguments: the captions ([`CaptionDataArguments`]), where stage 2 starts from
+    ([`Stage2Arguments`]) and optionally a cache of the frozen vision tower's features
+    ([`~vlbridge.scripts.utils.VisionFeaturesArguments`])."""
 
 
 def make_parser() -> ScriptParser:
@@ -310,6 +316,9 @@ def main(
     if stage2_args.interleaved_pairs > 0 and stage2_args.prompt:
         raise ValueError("--prompt goes with single captions; interleaved sequences have no prompt: drop it.")
     model, processor = load_model(stage2_args, model_args)
+    if stage2_args.interleaved_pairs > 0 and script_args.vision_features:
+        raise ValueError("--vision_features trains on single captions: drop it, or --interleaved_pairs.")
+    cache = load_vision_features(script_args.vision_features, model, processor.image_processor)
     data = load_captions(data_args)
     # The same warm-up for single captions and interleaved sequences: the LM is what the two layouts share.
     if stage2_args.lm_text_steps > 0:
@@ -329,7 +338,7 @@ def main(
         collator = InterleavedCollator.from_model(model, processor, max_length=stage2_args.max_length)
     else:
         collator = CaptionCollator.from_model(
-            model, processor, prompt=stage2_args.prompt, max_length=stage2_args.max_length
+            model, processor, prompt=stage2_args.prompt, max_length=stage2_args.max_length, vision_features=cache
         )
     training_args.remove_unused_columns = False
 

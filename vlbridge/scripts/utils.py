@@ -233,6 +233,46 @@ class ChatDataArguments:
 
 
 @dataclass
+class VisionFeaturesArguments:
+    """Training from a cache of the frozen vision tower's features (`vlbridge cache-features`)."""
+
+    vision_features: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder written by `vlbridge cache-features` for this model: batches carry the frozen vision "
+            "tower's cached features instead of pixels, so the tower never runs while training. Refused when the "
+            "run trains the tower, or when another tower, feature layer or image processor made the cache."
+        },
+    )
+
+
+def load_vision_features(path: str | None, model, image_processor):
+    """
+    The vision-feature cache at `path` ([`~vlbridge.data.feature_cache.VisionFeatureCache`]), checked to have been
+    made by `model`'s tower, feature settings and `image_processor`; None when `path` is unset (or '').
+
+    Raises:
+        `ValueError`: naming the fix, when `model`'s vision tower trains (cached features would go stale and the tower
+            would get no gradient), or the cache does not fit the model ([`VisionFeatureCache.check`]).
+    """
+    if not path:
+        return None
+    from ..data.feature_cache import VisionFeatureCache, vision_tower_of
+
+    trainable = [name for name, parameter in vision_tower_of(model).named_parameters() if parameter.requires_grad]
+    if trainable:
+        raise ValueError(
+            f"--vision_features {path}: this run trains the vision tower ({len(trainable)} tensors, e.g. "
+            f"{trainable[0]}), and features cached once would go stale. Keep the tower frozen (--freeze stage2 or "
+            "finetune; stage 1: --freeze_vision_tower true, or a saved model whose tower is frozen), or drop "
+            "--vision_features."
+        )
+    cache = VisionFeatureCache(path).check(model, image_processor)
+    print(f"training on cached vision features: {cache}")
+    return cache
+
+
+@dataclass
 class VLMModelArguments:
     """Which VLM a script trains: a saved checkpoint, or the tiny VLM built in code (`vlbridge.scripts.tiny`)."""
 
@@ -375,11 +415,13 @@ __all__ = [
     "ScriptParser",
     "ChatDataArguments",
     "VLMModelArguments",
+    "VisionFeaturesArguments",
     "builtin_chat_dataset",
     "check_decoder_only_language_model",
     "dataset_help",
     "finish_training",
     "load_model_and_processor",
+    "load_vision_features",
     "preset_names",
     "resolve_preset",
     "run_script",

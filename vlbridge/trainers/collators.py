@@ -16,12 +16,18 @@ Images go into `pixel_values` in placeholder order. With an any-res processor ([
 batch also carries `image_sizes`, and each image takes its own number of `<image>` tokens (its tiles x the bridge's
 tokens per tile); `from_model` checks that the processor tiles exactly as the model counts.
 
+With a [`~vlbridge.data.feature_cache.VisionFeatureCache`] (`vision_features=`), the collators put the frozen
+vision tower's cached features in the batch as `vision_features` (any-res: with `image_sizes`) instead of
+`pixel_values`, in the same order, and the image processor never computes pixels: each image is only hashed to find
+its features. Everything else in the batch is what it would be without the cache.
+
 With the HF [`Trainer`], pass `remove_unused_columns=False`: the collators read the raw `image` / `images` /
 `messages` columns, which the model's `forward` does not name.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 from dataclasses import KW_ONLY, dataclass, field
@@ -54,6 +60,9 @@ class ImageTextCollator:
             Longest caption in tokens, BOS and EOS included (LAVIS uses 32).
         image_column, text_column, id_column (`str`, *optional*):
             Column names; defaults `"image"`, `"caption"`, `"image_id"`. Rows without an id get their position.
+        vision_features ([`~vlbridge.data.feature_cache.VisionFeatureCache`], *optional*):
+            A cache of the frozen vision tower's features: the batch holds `vision_features` `(B, P, Dv)` instead of
+            `pixel_values`, and the image processor is not run.
 
     Example:
 
@@ -78,6 +87,7 @@ class ImageTextCollator:
     image_column: str = "image"
     text_column: str = "caption"
     id_column: str = "image_id"
+    vision_features: Any = None
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Captions as the model trains on them: BOS ... EOS, right-padded; `input_ids` and `attention_mask`."""
@@ -100,13 +110,17 @@ class ImageTextCollator:
         images = [to_rgb_image(row[self.image_column]) for row in rows]
         text = self.tokenize([row[self.text_column] for row in rows])
         image_ids = torch.tensor([row.get(self.id_column, i) for i, row in enumerate(rows)])
+        if self.vision_features is not None:
+            names = [f"batch row {i} (image_id {image_id})" for i, image_id in enumerate(image_ids.tolist())]
+            return {**self.vision_features.batch_inputs(images, names), **text, "image_ids": image_ids}
         pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, **text, "image_ids": image_ids}
 
 
 IGNORE_INDEX = -100
-# Processor outputs that carry images (any-res adds `image_sizes`); a batch holds each one the processor gave.
-IMAGE_KEYS = ("pixel_values", "image_sizes")
+# Processor outputs that carry images (any-res adds `image_sizes`); a batch holds each one the processor gave. With a
+# vision-feature cache, `vision_features` stand for `pixel_values`.
+IMAGE_KEYS = ("pixel_values", "image_sizes", "vision_features")
 
 
 @dataclass
@@ -129,6 +143,7 @@ class _VLMCollator:
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
     qformer_max_length: int | None = None
+    vision_features: Any = None
     num_truncated: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
@@ -242,6 +257,17 @@ class _VLMCollator:
             instructions, padding=True, truncation=truncate, max_length=self.qformer_max_length, return_tensors="pt"
         )
 
+    def _cached_images(self, images: list, names: list[str]) -> tuple[Any, dict]:
+        """
+        With a vision-feature cache: the batch's `vision_features` (any-res: and `image_sizes`) for `images` (flat,
+        in placeholder order), and a copy of the processor that expands `<image>` as the real one does, from those
+        sizes, without computing pixels.
+        """
+        inputs = self.vision_features.batch_inputs(images, names)
+        processor = copy.copy(self.processor)
+        processor.image_processor = _CachedImageProcessor(self.processor.image_processor, inputs.get("image_sizes"))
+        return processor, inputs
+
     def _append_eos(self, ids: list[int]) -> list[int]:
         eos = self.processor.tokenizer.eos_token_id
         return ids if ids and ids[-1] == eos else ids + [eos]
@@ -293,6 +319,9 @@ class CaptionCollator(_VLMCollator):
             Encoder-decoder only: BLIP-2's prefix language modelling (see above).
         seed (`int`, *optional*):
             Seed of the prefix-LM split, for reproducible batches.
+        vision_features ([`~vlbridge.data.feature_cache.VisionFeatureCache`], *optional*):
+            A cache of the frozen vision tower's features: the batch holds `vision_features` instead of
+            `pixel_values` (see the module's docstring).
 
     Example:
 
@@ -335,10 +364,15 @@ class CaptionCollator(_VLMCollator):
         images = [self._image(row, i) for i, row in enumerate(rows)]
         captions = [self._caption(row, i) for i, row in enumerate(rows)]
         prompt = self.prompt.strip()
+        # How an image missing from a vision-feature cache is named.
+        names = [
+            f"batch row {i}" + (f" (image_id {row['image_id']})" if "image_id" in row else "")
+            for i, row in enumerate(rows)
+        ]
         if self.is_encoder_decoder:
-            image_inputs, examples = self._encoder_decoder(images, captions, prompt)
+            image_inputs, examples = self._encoder_decoder(images, captions, prompt, names)
         else:
-            image_inputs, examples = self._decoder_only(images, captions, prompt)
+            image_inputs, examples = self._decoder_only(images, captions, prompt, names)
         return self._batch(examples, image_inputs, [self.processor.qformer_text(prompt)] * len(rows))
 
     def _image(self, row: dict[str, Any], index: int):
@@ -364,17 +398,20 @@ class CaptionCollator(_VLMCollator):
             )
         return caption.strip()
 
-    def _process(self, images: list, texts: list[str], **kwargs):
-        out = self.processor(
+    def _process(self, images: list, texts: list[str], names: list[str], **kwargs):
+        processor, image_inputs = self.processor, None
+        if self.vision_features is not None:
+            processor, image_inputs = self._cached_images(images, names)
+        out = processor(
             images=[[image] for image in images], text=texts, images_kwargs={"return_tensors": "pt"}, **kwargs
         )
-        return {key: out[key] for key in IMAGE_KEYS if key in out}, out
+        return image_inputs or {key: out[key] for key in IMAGE_KEYS if key in out}, out
 
-    def _decoder_only(self, images: list, captions: list[str], prompt: str):
+    def _decoder_only(self, images: list, captions: list[str], prompt: str, names: list[str]):
         image_token, eos = self.processor.image_token, self.processor.tokenizer.eos_token_id
         texts = [" ".join(part for part in (image_token, prompt, caption) if part) for caption in captions]
         image_inputs, out = self._process(
-            images, texts, return_offsets_mapping=True, return_text_replacement_offsets=True
+            images, texts, names, return_offsets_mapping=True, return_text_replacement_offsets=True
         )
         examples = []
         for i, (text, caption) in enumerate(zip(texts, captions)):
@@ -399,11 +436,11 @@ class CaptionCollator(_VLMCollator):
             examples.append(_Example(ids, labels))
         return image_inputs, examples
 
-    def _encoder_decoder(self, images: list, captions: list[str], prompt: str):
+    def _encoder_decoder(self, images: list, captions: list[str], prompt: str, names: list[str]):
         image_token = self.processor.image_token
         splits = [self._split(caption) if self.prefix_lm else ("", caption) for caption in captions]
         texts = [" ".join(part for part in (image_token, prompt, prefix) if part) for prefix, _ in splits]
-        image_inputs, out = self._process(images, texts)
+        image_inputs, out = self._process(images, texts, names)
         targets = self.processor.tokenizer([suffix for _, suffix in splits], add_special_tokens=False)["input_ids"]
         examples = [
             _Example(list(ids), self._append_eos(list(target))) for ids, target in zip(out["input_ids"], targets)
@@ -465,6 +502,9 @@ class ChatCollator(_VLMCollator):
             Column of the images: a list (possibly empty), or a single image. Rows without the column have none.
         chat_template (`str`, *optional*):
             A chat template to use instead of the processor's.
+        vision_features ([`~vlbridge.data.feature_cache.VisionFeatureCache`], *optional*):
+            A cache of the frozen vision tower's features: the batch holds `vision_features` instead of
+            `pixel_values` (see the module's docstring).
 
     Example:
 
@@ -497,9 +537,13 @@ class ChatCollator(_VLMCollator):
         conversations = [row[self.messages_column] for row in rows]
         images = [self._images(row) for row in rows]
         processor_kwargs: dict[str, Any] = {"images_kwargs": {"return_tensors": "pt"}}
+        processor, cached = self.processor, None
         if any(images):
             processor_kwargs["images"] = images
-        out = self.processor.apply_chat_template(
+            if self.vision_features is not None:
+                names = [f"batch row {i} image {j}" for i, row in enumerate(images) for j in range(len(row))]
+                processor, cached = self._cached_images([image for row in images for image in row], names)
+        out = processor.apply_chat_template(
             conversations,
             chat_template=self.chat_template,
             tokenize=True,
@@ -512,7 +556,7 @@ class ChatCollator(_VLMCollator):
             for i, (conversation, ids, mask) in enumerate(zip(conversations, out["input_ids"], out["assistant_masks"]))
         ]
         instructions = [text for messages in conversations for text in self.processor.qformer_instructions(messages)]
-        return self._batch(examples, {key: out.get(key) for key in IMAGE_KEYS}, instructions)
+        return self._batch(examples, cached or {key: out.get(key) for key in IMAGE_KEYS}, instructions)
 
     def _images(self, row: dict[str, Any]) -> list:
         images = row.get(self.images_column)
@@ -546,6 +590,26 @@ class ChatCollator(_VLMCollator):
         while start > 0 and mask[start - 1]:
             start -= 1
         return _Example(ids[:start], ids[start:end])
+
+
+class _CachedImageProcessor:
+    """
+    Stands for the image processor when a batch's vision features come from a cache: called by the processor, it
+    returns no pixels, only each image's size with any-res (from which `<image>` is expanded into the image's tiles);
+    everything else (`image_grid_pinpoints`, `get_number_of_image_patches`, ...) is the real image processor's.
+    """
+
+    def __init__(self, image_processor, image_sizes: torch.Tensor | None):
+        self._image_processor = image_processor
+        self._image_sizes = image_sizes
+
+    def __call__(self, images, **kwargs) -> dict:
+        return {} if self._image_sizes is None else {"image_sizes": self._image_sizes}
+
+    def __getattr__(self, name: str):
+        if name == "_image_processor":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self._image_processor, name)
 
 
 def _check_anyres(config, processor) -> None:

@@ -79,6 +79,11 @@ class InterleavedCollator(_VLMCollator):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.vision_features is not None:
+            raise ValueError(
+                "InterleavedCollator does not read a vision-feature cache: drop vision_features (the images of "
+                "interleaved sequences go through the image processor), or train on single captions."
+            )
         if self.is_encoder_decoder:
             raise ValueError(
                 "InterleavedCollator builds one decoder-only sequence per sample (OpenFlamingo); this model's "
