@@ -58,6 +58,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from vlbridge import QFormerForImageTextPretraining, QFormerPretrainingConfig  # noqa: E402
 
 
+# The helpers beside this script, found also when the script is loaded by its path (as the tests do).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import device_peak_tflops  # noqa: E402
+
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import time_rounds  # noqa: E402
 
@@ -161,6 +166,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--peak-repeats", type=int, default=3, help="timed matmuls per peak measurement")
     parser.add_argument("--top", type=int, default=15, help="ops listed per profile")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="bf16 peak for model FLOPs utilisation (default: data sheet)"
+    )
     parser.add_argument("--no-flop-check", action="store_true", help="skip the FlopCounterMode cross-check")
     return parser
 
@@ -459,6 +467,7 @@ def main(args: argparse.Namespace) -> dict:
         model.config.reuse_image_key_values = True
     if args.compare_reuse:
         result.update(compare_reuse(model, optimizer, inputs, precisions, flops, args.warmup, repeats))
+        result["mfu"] = print_utilisation(result["median"], flops, device, args.peak_tflops)
         return result
     result.update(measure_against_peak(model, optimizer, inputs, precisions, flops[True], args, sizes, repeats))
     return result
@@ -516,6 +525,20 @@ def compare_reuse(model, optimizer, inputs, precisions, flops: dict, warmup: int
             speedups[reuse] = median["fp32", reuse] / median["bf16", reuse]
             print(f"bf16 autocast step is {speedups[reuse]:.2f}x faster than fp32 ({'reuse' if reuse else 'old'})")
     return {"median": median, "ratio": ratios, "bf16_speedup": speedups, "losses": losses, "loss_gap": gap}
+
+
+def print_utilisation(median: dict, flops: dict, device: str, peak_override: float | None) -> dict:
+    """Model FLOPs utilisation of each timed step against the device's bf16 data-sheet peak (`_timing`). Model FLOPs
+    are those of the step with reuse (the work the step must do); the old step does more for the same result."""
+    peak, name = device_peak_tflops(device, peak_override)
+    if peak is None:
+        print(f"\nmodel FLOPs utilisation: no bf16 peak known for {name} (pass --peak-tflops)")
+        return {}
+    utilisation = {key: flops[True] / seconds / 1e12 / peak for key, seconds in median.items()}
+    print(f"\nmodel FLOPs utilisation on {name}, against its bf16 peak of {peak:.0f} TFLOP/s:")
+    for (precision, reuse), value in utilisation.items():
+        print(f"  {precision} {'reused' if reuse else 'old'}: {100 * value:.1f}%")
+    return utilisation
 
 
 def measure_against_peak(model, optimizer, inputs, precisions, flops: float, args, sizes: Sizes, repeats: int) -> dict:
