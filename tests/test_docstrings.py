@@ -47,6 +47,9 @@ MODULES = [
     "vlbridge.modeling.vision_features",
     "vlbridge.data.feature_cache",
     "vlbridge.scripts.cache_features",
+    "vlbridge.processing.coordinates",
+    "vlbridge.data.synthetic_grounding",
+    "vlbridge.metrics.grounding_metrics",
 ]
 
 

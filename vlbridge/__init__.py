@@ -36,7 +36,14 @@ from .modeling import (
     QFormerZeroShotOutput,
     load_qformer_into_vlm,
 )
-from .processing import BridgeAnyResImageProcessor, BridgeProcessor
+from .processing import (
+    BridgeAnyResImageProcessor,
+    BridgeProcessor,
+    ImageGeometry,
+    format_box,
+    format_point,
+    parse_coordinates,
+)
 
 
 def __getattr__(name: str):
@@ -67,6 +74,7 @@ __all__ = [
     "BridgeVLMForConditionalGeneration",
     "BridgeVLMModel",
     "BridgeVLMPreTrainedModel",
+    "ImageGeometry",
     "MLPProjectorConfig",
     "MLPProjectorModel",
     "PerceiverResamplerConfig",
@@ -79,6 +87,9 @@ __all__ = [
     "QFormerPretrainingConfig",
     "QFormerPretrainingOutput",
     "QFormerZeroShotOutput",
+    "format_box",
+    "format_point",
     "language_model_lora_config",
     "load_qformer_into_vlm",
+    "parse_coordinates",
 ]

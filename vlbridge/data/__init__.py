@@ -12,6 +12,7 @@ from .synthetic import (
     render_scene,
     sample_scene,
 )
+from .synthetic_grounding import GroundingReport, make_synthetic_grounding
 from .synthetic_interleaved import interleave_pairs, make_synthetic_interleaved
 from .synthetic_multi import make_synthetic_multi_image, make_synthetic_small_objects, multi_image_vocabulary
 from .synthetic_noisy import add_caption_noise
@@ -30,6 +31,7 @@ from .tokenizer import END_OF_CHUNK_TOKEN, SPECIAL_TOKENS, build_word_tokenizer
 __all__ = [
     "END_OF_CHUNK_TOKEN",
     "SPECIAL_TOKENS",
+    "GroundingReport",
     "LoadReport",
     "MissingImageFeatures",
     "Scene",
@@ -47,6 +49,7 @@ __all__ = [
     "load_image_text_jsonl",
     "load_image_text_shards",
     "make_synthetic_chat",
+    "make_synthetic_grounding",
     "make_synthetic_image_text",
     "make_synthetic_interleaved",
     "make_synthetic_multi_image",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .caption_metrics import bleu, cider_d, normalize_vqa_answer, tokenize_caption, vqa_accuracy
+from .grounding_metrics import box_iou, point_accuracy, rec_accuracy
 from .retrieval_recall import best_relevant_rank, image_text_recall, recall_at_k, recall_at_k_from_rankings
 
 
@@ -18,7 +19,7 @@ def metric_path(name: str) -> str:
     Args:
         name (`str`):
             A built-in metric: one of the sub-folders of `vlbridge/metrics` holding `<name>/<name>.py` (`"recall"`,
-            `"cider"`, `"bleu4"`, `"vqa_accuracy"`).
+            `"cider"`, `"bleu4"`, `"vqa_accuracy"`, `"grounding"`).
 
     Example:
 
@@ -40,9 +41,10 @@ def load_metric(name: str, config_name: str | None = None, **kwargs):
 
     Args:
         name (`str`):
-            The metric: `"recall"`, `"cider"`, `"bleu4"` or `"vqa_accuracy"`.
+            The metric: `"recall"`, `"cider"`, `"bleu4"`, `"vqa_accuracy"` or `"grounding"`.
         config_name (`str`, *optional*):
-            The metric's configuration, e.g. `"scores"` (default) or `"ranking"` for `"recall"`.
+            The metric's configuration, e.g. `"scores"` (default) or `"ranking"` for `"recall"`, `"rec"` (default) or
+            `"point"` for `"grounding"`.
         kwargs:
             Passed to `evaluate.load` (e.g. `experiment_id`, `num_process`, `process_id` for distributed evaluation).
 
@@ -63,11 +65,14 @@ def load_metric(name: str, config_name: str | None = None, **kwargs):
 __all__ = [
     "best_relevant_rank",
     "bleu",
+    "box_iou",
     "cider_d",
     "image_text_recall",
     "load_metric",
     "metric_path",
     "normalize_vqa_answer",
+    "point_accuracy",
+    "rec_accuracy",
     "recall_at_k",
     "recall_at_k_from_rankings",
     "tokenize_caption",

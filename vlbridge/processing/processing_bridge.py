@@ -24,6 +24,7 @@ from transformers.tokenization_utils_base import (
 from transformers.utils import cached_file, logging
 
 from ..configuration.remote_code import add_auto_map_entries, write_remote_code_shim
+from .coordinates import ImageGeometry, has_region_entries, image_size_of, region_text, render_region_entries
 from .image_utils import to_rgb_image
 from .video_utils import pad_frames, split_videos
 
@@ -77,7 +78,9 @@ def default_chat_template(image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
     Messages have roles `system`, `user` and `assistant`; `content` is a string or a list of `{"type": "text",
     "text": ...}` / `{"type": "image"}` entries. Each image renders as `image_token` followed by a newline, each
     message as `"<role>: <content>"` followed by a newline (user, system) or by EOS (assistant, inside
-    `{% generation %}`), and `add_generation_prompt=True` appends `"assistant: "`.
+    `{% generation %}`), and `add_generation_prompt=True` appends `"assistant: "`. Region entries (`{"type":
+    "box"}`, `{"type": "point"}`) never reach a template: [`BridgeProcessor.apply_chat_template`] writes them into text
+    entries first, in the coordinates of the image the model sees, so they work with any model's own template too.
     """
     return "{%- set image_token = " + json.dumps(image_token) + " -%}" + _CHAT_TEMPLATE_BODY
 
@@ -618,7 +621,16 @@ class BridgeProcessor(ProcessorMixin):
         `return_dict=True`, the Q-Former text is each image's instruction (`qformer_instructions`), one row per
         image, not the whole rendered chat: that would show the Q-Former every answer of a training conversation
         (TRL's `SFTTrainer` tokenizes through this method), and role words it never sees at inference.
+
+        Region prompts: `{"type": "box", "box": [xmin, ymin, xmax, ymax], "image_index": 0}` (or `"point": [x, y]`
+        with `"type": "point"`) content entries, in original pixels of that image of the conversation, are written
+        into the text as [`format_region`] does (`"<box>[0.250, ...]</box>"`; `"tags": False` in the entry for
+        Shikra's bare brackets) before any chat template renders the messages. The images come from
+        `processor_kwargs["images"]` or the image entries' `"image"` / `"path"`.
         """
+        if has_region_entries(conversation):
+            images = (kwargs.get("processor_kwargs") or {}).get("images") or None
+            conversation = render_region_entries(conversation, images, self.image_geometry)
         out = self._apply_chat_template_with_images(conversation, chat_template, **kwargs)
         if self.qformer_tokenizer is None or not isinstance(out, Mapping) or "qformer_input_ids" not in out:
             return out
@@ -646,6 +658,35 @@ class BridgeProcessor(ProcessorMixin):
             return super().apply_chat_template(conversation, chat_template, **kwargs)
         finally:
             self._chat_images = None
+
+    def image_geometry(self, image, pad_to_square: bool | None = None) -> ImageGeometry:
+        """
+        The [`ImageGeometry`] of `image` through this processor's image processor: maps boxes and points between the
+        image's pixels and the normalised frame of the image the model sees (any-res: its base view).
+
+        Args:
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or `tuple[int, int]`):
+                The image as it will be passed to the processor, or its `(height, width)`.
+            pad_to_square (`bool`, *optional*):
+                The caller pads the image to a square before the processor (see [`ImageGeometry`]).
+        """
+        return ImageGeometry(self.image_processor, image_size_of(image), pad_to_square=pad_to_square)
+
+    def format_region(self, region, image, kind: str = "box", tags: bool = True) -> str:
+        """
+        A region prompt for `image`: a box (or point) in the image's pixels written in the frame of the image the
+        model sees, e.g. `"<box>[0.250, 0.250, 0.750, 0.750]</box>"` (ChatSpot), or `"[0.250, ...]"` with
+        `tags=False` (Shikra). Put it anywhere in the text, or use a `{"type": "box"}` chat entry.
+
+        Args:
+            region (`Sequence[float]`): `[xmin, ymin, xmax, ymax]` (or `[x, y]` with `kind="point"`) in pixels of
+                `image`, as passed to the processor.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or `tuple[int, int]`): The image, or its
+                `(height, width)`.
+            kind (`str`, *optional*, defaults to `"box"`): `"box"` or `"point"`.
+            tags (`bool`, *optional*, defaults to `True`): Wrap it in `<box>` / `<point>` tags.
+        """
+        return region_text(region, self.image_geometry(image), kind=kind, tags=tags)
 
     def qformer_instructions(self, messages: list[dict]) -> list[str]:
         """
