@@ -276,9 +276,11 @@ class ImageTextPretrainingMixin:
         negatives' by `negative_rows` `(B,)` when they are rows of this batch, else projected from `negative_embeds`
         `(B, P, Dv)` (other processes' or micro-batches' images: their keys / values are not here)."""
         if negative_rows is not None:
-            rows = torch.arange(len(image_key_values), device=negative_rows.device)
-            return image_key_values.index_select(torch.cat([rows, negative_rows, rows]))
-        negatives = self._image_key_values(negative_embeds)
+            # Only the B negatives are gathered: the batch's own rows are concatenated as they are, whose backward is
+            # a slice, where gathering all 3B rows would scatter-add 3B rows of every layer's keys and values back.
+            negatives = image_key_values.index_select(negative_rows)
+        else:
+            negatives = self._image_key_values(negative_embeds)
         return image_key_values.cat([image_key_values, negatives, image_key_values])
 
     def _check_objectives(self, return_loss: bool) -> None:
